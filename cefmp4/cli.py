@@ -1,0 +1,120 @@
+"""Command line: ``cefmp4 run`` (the service) and ``cefmp4 local`` (the service
+on the local default: throwaway Redis and SeaweedFS under ``.cefmp4/``).
+
+Configuration is parsed here, once; a bad value exits with code 2 and one line
+naming the variable. SIGTERM/SIGINT stop taking new work and give in-flight
+work ``SHUTDOWN_GRACE_SECONDS``; a second signal exits at once. Either way
+nothing is lost: unacknowledged work is pending in Redis for the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import msgspec
+import structlog
+from prometheus_client import CollectorRegistry, start_http_server
+
+from cefmp4 import config as config_mod
+from cefmp4.config import Config
+from cefmp4.errors import ConfigError
+from cefmp4.localservers import RedisServer, SeaweedS3
+from cefmp4.logsetup import configure
+from cefmp4.service import Service, connect
+
+log = structlog.get_logger(__name__)
+
+
+async def serve(config: Config) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting now; pending work resumes on next start")
+            os._exit(130)
+        log.info("stopping: finishing in-flight work", grace=config.shutdown_grace_seconds)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    registry = CollectorRegistry()
+    if config.prom_port:
+        start_http_server(config.prom_port, registry=registry)
+    async with connect(config) as (redis, store):
+        service = Service(config, redis, store, registry)
+        task = asyncio.create_task(service.run(stop))
+        await asyncio.wait(
+            [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+        if not task.done():
+            try:
+                async with asyncio.timeout(config.shutdown_grace_seconds):
+                    await asyncio.shield(task)
+            except TimeoutError:
+                log.warning("grace period over; abandoning in-flight work to the next start")
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        task.result() if not task.cancelled() else None
+
+
+@contextlib.contextmanager
+def local_servers(config: Config, data_dir: Path) -> Iterator[Config]:
+    """Start Redis (AOF on) and SeaweedFS under ``data_dir``; yield the config
+    pointing at them."""
+    redis = RedisServer(data_dir / "redis")
+    s3 = SeaweedS3(data_dir / "seaweedfs")
+    with redis, s3:
+        endpoint = s3.endpoint
+        local = msgspec.structs.replace(
+            config,
+            redis_url=redis.url,
+            s3_endpoint_url=endpoint.url,
+            s3_access_key_id=endpoint.access_key,
+            s3_secret_access_key=endpoint.secret_key,
+            s3_region_name=endpoint.region,
+        )
+        print(
+            f"""
+CefMP4 local default
+  watching   {local.watch_dir.resolve()}   (drop or record *.mp4 files here)
+  redis      {redis.url}   (log: XRANGE {local.events_key} - +)
+  s3         {endpoint.url}  bucket {local.s3_bucket_name}
+  look at the objects with:
+    AWS_ACCESS_KEY_ID={endpoint.access_key} AWS_SECRET_ACCESS_KEY={endpoint.secret_key} \\
+      .venv/bin/aws --endpoint-url {endpoint.url} s3 ls --recursive s3://{local.s3_bucket_name}/
+  data       {data_dir.resolve()}   (Ctrl-C stops the service and both servers)
+""",
+            file=sys.stderr,
+            flush=True,
+        )
+        yield local
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cefmp4", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="run the service with the configuration from the environment")
+    local = commands.add_parser("local", help="run against throwaway local Redis and SeaweedFS")
+    local.add_argument("--data-dir", type=Path, default=Path(".cefmp4"))
+    args = parser.parse_args(argv)
+    try:
+        config = config_mod.load(os.environ)
+    except ConfigError as exc:
+        print(f"cefmp4: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    configure(config)
+    if args.command == "local":
+        with local_servers(config, args.data_dir) as local_config:
+            asyncio.run(serve(local_config))
+    else:
+        asyncio.run(serve(config))
+    return 0

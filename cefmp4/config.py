@@ -1,0 +1,92 @@
+"""Configuration: parsed once, at the edge, into an immutable object.
+
+Values come from the environment, then an optional ``.env`` file (the
+environment wins). Names are the seed's (``WATCH_DIR``, ``CHUNK_SIZE_BYTES``,
+...). Parsing and validation is msgspec's ``convert`` with constraints, so a
+bad value becomes one ``ConfigError`` naming the variable and what is allowed;
+the CLI turns that into exit code 2. Nothing here is read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from dotenv import dotenv_values
+
+from cefmp4.errors import ConfigError
+from cefmp4.partplan import MAX_PART_SIZE, MIN_PART_SIZE
+
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Config(
+    msgspec.Struct, frozen=True, kw_only=True, rename="upper", forbid_unknown_fields=False
+):
+    watch_dir: Path = Path("./local_watch_dir")
+    chunk_size_bytes: Annotated[int, msgspec.Meta(ge=MIN_PART_SIZE, le=MAX_PART_SIZE)] = (
+        10 * 1024 * 1024
+    )
+    stream_timeout_seconds: PositiveFloat = 30.0
+    settle_seconds: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    rescan_interval_seconds: PositiveFloat = 10.0
+    watch_poll: bool = False
+    poll_interval_seconds: PositiveFloat = 0.5
+    s3_endpoint_url: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_bucket_name: Annotated[str, msgspec.Meta(min_length=3, max_length=63)] = "video-streams"
+    s3_region_name: str = "us-east-1"
+    s3_key_prefix: str = "streams/"
+    s3_timeout_seconds: PositiveFloat = 60.0
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_key_prefix: Annotated[str, msgspec.Meta(min_length=1)] = "cefmp4"
+    ffprobe_path: str = "ffprobe"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    app_env: Literal["development", "production"] = "development"
+    prom_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    max_concurrent_streams: PositiveInt = 4
+    part_concurrency: PositiveInt = 4
+    claim_idle_seconds: PositiveFloat = 60.0
+    shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 20.0
+    replica_id: str = ""
+
+    @property
+    def events_key(self) -> str:
+        return f"{self.redis_key_prefix}:events"
+
+    @property
+    def replica(self) -> str:
+        return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def load(environ: Mapping[str, str], env_file: Path | None = Path(".env")) -> Config:
+    """Build the Config from ``environ`` over ``env_file``; raise ConfigError."""
+    values: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    names = {f.encode_name for f in msgspec.structs.fields(Config)}
+    values.update({k: v for k, v in environ.items() if k in names})
+    # An empty variable means "not set", as in most twelve-factor services.
+    values = {k: v for k, v in values.items() if v != ""}
+    if "LOG_LEVEL" in values:
+        values["LOG_LEVEL"] = values["LOG_LEVEL"].upper()
+    try:
+        return msgspec.convert(values, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    # msgspec says "Expected `int` >= 5242880 - at `$.CHUNK_SIZE_BYTES`";
+    # lead with the variable, which is what the operator has to fix.
+    message = str(exc)
+    if " - at `$." in message:
+        what, _, where = message.rpartition(" - at `$.")
+        return f"{where.rstrip('`')}: {what}"
+    return message

@@ -1,0 +1,101 @@
+"""Redis Streams adapter: the event log and its consumer groups.
+
+The narrow surface the rest of the code uses: append a fact, read facts after
+an id (every replica's projection follower), and the consumer-group verbs
+(read new, claim stale, ack). Library exceptions are translated here:
+connection problems and timeouts are transient and retried until Redis is back
+(the facts are not lost meanwhile: the files are still on disk and the
+unacknowledged messages stay pending); anything else is permanent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+from cefmp4.errors import PermanentError, TransientError
+from cefmp4.events import Event, UnknownEvent, decode, encode
+from cefmp4.retry import transient
+
+T = TypeVar("T")
+Entry = tuple[str, Event | UnknownEvent]
+
+
+def _entries(raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
+    return [(entry_id.decode(), decode(fields)) for entry_id, fields in raw]
+
+
+class EventLog:
+    def __init__(self, redis: aioredis.Redis, key: str, replica: str) -> None:
+        self._redis = redis
+        self.key = key
+        self.replica = replica
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        async for attempt in transient(attempts=None):
+            with attempt:
+                try:
+                    return await op()
+                except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+                    raise TransientError(f"redis: {exc}") from exc
+                except rexc.BusyLoadingError as exc:  # restarted Redis replaying its AOF
+                    raise TransientError(f"redis: {exc}") from exc
+                except rexc.RedisError as exc:
+                    raise PermanentError(f"redis: {exc}", reason="redis_error") from exc
+        raise AssertionError("unreachable: tenacity reraises")
+
+    async def append(self, event: Event) -> str:
+        fields = encode(event, self.replica)
+        entry_id = await self._call(lambda: self._redis.xadd(self.key, fields))  # type: ignore[arg-type]
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def read_after(self, last_id: str, count: int = 10_000) -> list[Entry]:
+        """Entries after ``last_id`` (no blocking): the follower's catch-up read."""
+        raw: Any = await self._call(lambda: self._redis.xread({self.key: last_id}, count=count))
+        return _entries(raw[0][1]) if raw else []
+
+    async def ensure_group(self, group: str) -> None:
+        """Create ``group`` at the start of the log, so a new deployment acts on
+        everything already recorded; an existing group is left as it is."""
+
+        async def create() -> None:
+            try:
+                await self._redis.xgroup_create(self.key, group, id="0", mkstream=True)
+            except rexc.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+        await self._call(create)
+
+    async def read_group(
+        self, group: str, consumer: str, count: int, block_ms: int | None
+    ) -> list[Entry]:
+        raw: Any = await self._call(
+            lambda: self._redis.xreadgroup(
+                group, consumer, {self.key: ">"}, count=count, block=block_ms
+            )
+        )
+        return _entries(raw[0][1]) if raw else []
+
+    async def claim_stale(
+        self, group: str, consumer: str, min_idle_ms: int, count: int
+    ) -> list[Entry]:
+        """Take over messages another (dead) consumer left pending too long."""
+        reply = await self._call(
+            lambda: self._redis.xautoclaim(
+                self.key, group, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
+            )
+        )
+        # [next_id, entries, deleted_ids]; entries of trimmed messages are None
+        return _entries([e for e in reply[1] if e and e[1] is not None])
+
+    async def ack(self, group: str, *entry_ids: str) -> None:
+        if entry_ids:
+            await self._call(lambda: self._redis.xack(self.key, group, *entry_ids))
+
+    async def pending_count(self, group: str) -> int:
+        info = await self._call(lambda: self._redis.xpending(self.key, group))
+        return int(info["pending"])

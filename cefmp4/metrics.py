@@ -1,0 +1,44 @@
+"""Prometheus metrics, registered on an injected registry (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.events = Counter(
+            "cefmp4_events_appended", "Events appended to the log", ["type"], registry=registry
+        )
+        self.parts = Counter(
+            "cefmp4_parts_uploaded", "Parts sent to S3", ["why"], registry=registry
+        )
+        self.bytes = Counter("cefmp4_bytes_uploaded", "Bytes sent to S3", registry=registry)
+        self.completed = Counter(
+            "cefmp4_streams_completed", "Recordings completed in S3", ["mp4"], registry=registry
+        )
+        self.failed = Counter(
+            "cefmp4_streams_failed",
+            "Streams ended without an object",
+            ["reason"],
+            registry=registry,
+        )
+        self.handler_errors = Counter(
+            "cefmp4_handler_errors",
+            "Consumer handler failures by group and kind",
+            ["group", "kind"],
+            registry=registry,
+        )
+        self.sidecars = Counter(
+            "cefmp4_sidecars_written", "Metadata sidecars", ["ffprobe"], registry=registry
+        )
+        self.finalize_seconds = Histogram(
+            "cefmp4_finalize_seconds",
+            "StreamIdle handled to StreamCompleted",
+            registry=registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+        )
+        self.live_streams = Gauge(
+            "cefmp4_live_streams", "Streams not yet completed or failed", registry=registry
+        )

@@ -1,0 +1,165 @@
+"""Wiring and life cycle of one CefMP4 process.
+
+``Service`` builds the adapters from the Config (one Redis connection pool,
+one S3 client), replays the log into the projection, then runs the watcher and
+the three consumer groups until ``stop`` is set. On stop the consumers stop
+taking messages and let in-flight work finish within the grace period; what
+does not finish stays pending in Redis and is picked up by the next start (or
+another replica) - nothing is acknowledged that did not happen.
+
+Every long-running task is supervised: an unexpected crash is logged with its
+traceback, counted, and the task restarted with backoff instead of taking the
+process down (which would only restart it into the same state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import aioboto3
+import redis.asyncio as aioredis
+import structlog
+from prometheus_client import CollectorRegistry, Counter
+
+from cefmp4.config import Config
+from cefmp4.consumerloop import GroupConsumer, Handler
+from cefmp4.deps import Deps, utcnow
+from cefmp4.eventlog import EventLog
+from cefmp4.ids import stream_id
+from cefmp4.metrics import Metrics
+from cefmp4.s3store import S3Store, boto_config
+from cefmp4.storage import ObjectStore
+from cefmp4.streamlocks import StreamLocks
+from cefmp4.watcher import Watcher
+from consumers.finalizer import Finalizer
+from consumers.metadata import MetadataWriter
+from consumers.uploader import Uploader
+from consumers.uploads import Uploads, failer
+from projections.live import LiveProjection
+
+log = structlog.get_logger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def connect(config: Config) -> AsyncIterator[tuple[aioredis.Redis, ObjectStore]]:
+    """The two external clients, closed on exit."""
+    redis = aioredis.from_url(
+        config.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=15
+    )
+    # Enough connections for every part that may be in flight, plus sidecars.
+    pool = config.max_concurrent_streams * config.part_concurrency + 4
+    session = aioboto3.Session()
+    try:
+        async with session.client(
+            "s3",
+            endpoint_url=config.s3_endpoint_url,
+            aws_access_key_id=config.s3_access_key_id,
+            aws_secret_access_key=config.s3_secret_access_key,
+            region_name=config.s3_region_name,
+            config=boto_config(pool=pool, timeout=config.s3_timeout_seconds),
+        ) as client:
+            yield redis, S3Store(client, config.s3_bucket_name, timeout=config.s3_timeout_seconds)
+    finally:
+        await redis.aclose()
+
+
+class Service:
+    def __init__(
+        self,
+        config: Config,
+        redis: aioredis.Redis,
+        store: ObjectStore,
+        registry: CollectorRegistry,
+        *,
+        now: Callable[[], Any] = utcnow,
+    ) -> None:
+        events = EventLog(redis, config.events_key, config.replica)
+        self.metrics = Metrics(registry)
+        self.deps = Deps(
+            config=config,
+            events=events,
+            projection=LiveProjection(events),
+            store=store,
+            locks=StreamLocks(),
+            metrics=self.metrics,
+            now=now,
+        )
+        self._crashes = Counter(
+            "cefmp4_task_crashes", "Supervised task crashes", ["task"], registry=registry
+        )
+        uploads = Uploads(self.deps)
+        fail = failer(self.deps, uploads)
+        handlers: list[Handler] = [
+            Uploader(self.deps, uploads),
+            Finalizer(self.deps, uploads),
+            MetadataWriter(self.deps),
+        ]
+        self.consumers = [
+            GroupConsumer(
+                events,
+                handler,
+                consumer=config.replica,
+                fail=fail,
+                metrics=self.metrics,
+                concurrency=config.max_concurrent_streams * 2,
+                claim_idle_seconds=config.claim_idle_seconds,
+            )
+            for handler in handlers
+        ]
+        self.watcher = Watcher(self.deps, new_stream_id=lambda: stream_id(self.deps.now()))
+
+    async def start(self) -> None:
+        """Make sure the bucket and groups exist and replay the log."""
+        await self.deps.store.ensure_bucket()
+        for consumer in self.consumers:
+            await consumer.start()
+        projection = await self.deps.projection.catch_up()
+        self.metrics.live_streams.set(len(projection.live()))
+        log.info(
+            "projection rebuilt",
+            events=projection.events,
+            streams=len(projection.streams),
+            live=len(projection.live()),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.start()
+        log.info(
+            "service running",
+            watch_dir=str(self.deps.config.watch_dir.resolve()),
+            replica=self.deps.config.replica,
+        )
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._supervise("watcher", lambda: self.watcher.run(stop), stop))
+            for consumer in self.consumers:
+                group.create_task(
+                    self._supervise(consumer.group, lambda c=consumer: c.run(stop), stop)  # type: ignore[misc]
+                )
+            group.create_task(self._gauge(stop))
+        log.info("service stopped")
+
+    async def _gauge(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.metrics.live_streams.set(len(self.deps.projection.state.live()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await stop.wait()
+
+    async def _supervise(
+        self, name: str, task: Callable[[], Coroutine[Any, Any, None]], stop: asyncio.Event
+    ) -> None:
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await task()
+                return
+            except Exception:  # the task supervisor: record, back off, restart
+                self._crashes.labels(name).inc()
+                log.exception("task crashed; restarting", task=name, backoff=delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
+                delay = min(delay * 2, 30.0)

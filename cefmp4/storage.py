@@ -1,0 +1,59 @@
+"""The object store, as the rest of CefMP4 sees it.
+
+A hand-written, narrow interface listing only the S3 calls the service makes,
+so that a second backend (or a fault-injecting wrapper in a test) has little to
+implement and one contract test suite (``tests/test_storage_contract.py``) can
+pin the behaviour we rely on. Implementations raise only the project's error
+tree: ``TransientError`` (retry), ``NoSuchUpload``, ``PermanentError``.
+
+The store is the source of truth for what is uploaded; the log's record of
+parts is a cache that a reconcile re-derives from ``list_parts`` after a crash.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+
+class RemotePart(msgspec.Struct, frozen=True):
+    number: int
+    size: int
+    etag: str  # without quotes
+
+
+class RemoteUpload(msgspec.Struct, frozen=True):
+    key: str
+    upload_id: str
+
+
+class ObjectInfo(msgspec.Struct, frozen=True):
+    size: int
+    etag: str
+
+
+class ObjectStore(Protocol):
+    bucket: str
+
+    async def ensure_bucket(self) -> None: ...
+
+    async def create_multipart(self, key: str, content_type: str) -> str: ...
+
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, body: bytes, md5_b64: str
+    ) -> str: ...
+
+    async def list_parts(self, key: str, upload_id: str) -> list[RemotePart]: ...
+
+    async def list_uploads(self, prefix: str) -> list[RemoteUpload]: ...
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> str: ...
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None: ...
+
+    async def put_object(self, key: str, body: bytes, md5_b64: str, content_type: str) -> str: ...
+
+    async def head_object(self, key: str) -> ObjectInfo | None: ...

@@ -1,0 +1,255 @@
+"""The watcher: turns what happens to files under WATCH_DIR into events.
+
+Sources of truth, in order of speed: ``watchfiles`` notifications (inotify, or
+polling with ``WATCH_POLL=true`` for NFS/SMB mounts where inotify sees no
+remote writes), a tick that re-stats every live recording (watchfiles reports
+no close events, so "quiet for N seconds" is measured here), and a full rescan
+every ``RESCAN_INTERVAL_SECONDS`` that catches anything the notifications
+missed. At start it scans first, so files that arrived while the service was
+down are picked up.
+
+Every look at a path goes through the pure ``watchrules.decide``; this module
+only does the I/O around it: stat, the MP4 box walk (in a thread, cached per
+(size, mtime)), and appending the events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import structlog
+import watchfiles
+
+from cefmp4 import files, mp4
+from cefmp4.deps import Deps
+from cefmp4.events import BytesAvailable, FileDeleted, FileSeen, FileTruncated, StreamIdle
+from cefmp4.watchrules import CheckMp4, Gone, Grew, Idle, Seen, Timing, Truncated, decide
+from projections.streams import StreamState
+
+log = structlog.get_logger(__name__)
+
+TEMP_PREFIXES = ("~", ".")
+
+
+def is_recording(rel_path: str) -> bool:
+    """``*.mp4`` (any case), not hidden, not an editor/download temp file."""
+    parts = rel_path.split("/")
+    if any(p.startswith(TEMP_PREFIXES) for p in parts):
+        return False
+    return parts[-1].lower().endswith(".mp4")
+
+
+def walk(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(TEMP_PREFIXES)]
+        for name in filenames:
+            if is_recording(name):
+                yield Path(dirpath, name)
+
+
+class Watcher:
+    def __init__(
+        self,
+        deps: Deps,
+        *,
+        new_stream_id: Callable[[], str],
+        monotonic: Callable[[], float] = time.monotonic,
+        tick_seconds: float = 0.1,
+    ) -> None:
+        self._deps = deps
+        self._cfg = deps.config
+        self._root = deps.config.watch_dir.resolve()
+        self._new_id = new_stream_id
+        self._clock = monotonic
+        self._tick = tick_seconds
+        self._timing = Timing(deps.config.settle_seconds, deps.config.stream_timeout_seconds)
+        # Per-process memory only; everything durable is in the projection.
+        self._sig: dict[str, tuple[int, int, int]] = {}
+        self._changed_at: dict[str, float] = {}
+        self._idle_sent: dict[str, tuple[int, int]] = {}
+        self._verdicts: dict[str, tuple[tuple[int, int, int], mp4.Mp4Verdict]] = {}
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+
+    # -- life cycle -------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._root.mkdir(parents=True, exist_ok=True)
+        notifier = asyncio.create_task(self._notifications(stop))
+        try:
+            await self.scan()
+            next_rescan = self._clock() + self._cfg.rescan_interval_seconds
+            while not stop.is_set():
+                try:
+                    async with asyncio.timeout(self._tick):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                if self._clock() >= next_rescan:
+                    next_rescan = self._clock() + self._cfg.rescan_interval_seconds
+                    await self.scan()
+                else:
+                    await self.look_at_live()
+        finally:
+            notifier.cancel()
+            await asyncio.gather(notifier, return_exceptions=True)
+
+    async def run_once(self) -> None:
+        """One full scan and decision pass; for tests."""
+        self._root.mkdir(parents=True, exist_ok=True)
+        await self.scan()
+
+    async def _notifications(self, stop: asyncio.Event) -> None:
+        async for changes in watchfiles.awatch(
+            self._root,
+            watch_filter=lambda _change, path: is_recording(self._rel(path)),
+            debounce=100,
+            step=20,
+            stop_event=stop,
+            force_polling=self._cfg.watch_poll,
+            poll_delay_ms=int(self._cfg.poll_interval_seconds * 1000),
+            recursive=True,
+        ):
+            self._dirty.update(path for _change, path in changes)
+            self._wake.set()
+
+    # -- looking ----------------------------------------------------------
+
+    def _rel(self, path: str | Path) -> str:
+        try:
+            return Path(path).resolve().relative_to(self._root).as_posix()
+        except ValueError:
+            return Path(path).name
+
+    async def scan(self) -> None:
+        on_disk = await asyncio.to_thread(lambda: [str(p) for p in walk(self._root)])
+        await self.look(set(on_disk))
+
+    async def look_at_live(self) -> None:
+        await self.look(set())
+
+    async def look(self, paths: set[str]) -> None:
+        projection = await self._deps.projection.catch_up()
+        paths |= {s.path for s in projection.live()}
+        paths |= self._dirty
+        self._dirty.clear()
+        for path in sorted(paths):
+            await self._look_at(path)
+
+    async def _look_at(self, path: str) -> None:
+        try:
+            current = files.stat(path)
+        except files.FileUnreadable as exc:
+            log.warning("cannot stat file", path=path, error=str(exc))
+            return
+        now = self._clock()
+        sig = None if current is None else (current.size, current.mtime_ns, current.inode)
+        if sig != self._sig.get(path):
+            self._sig[path] = sig if sig is not None else (-1, -1, -1)
+            self._changed_at[path] = now
+        stream = self._deps.projection.state.for_path(path)
+        verdict = None
+        for _ in range(2):
+            actions = decide(
+                current,
+                stream,
+                quiet_for=now - self._changed_at.get(path, now),
+                verdict=verdict,
+                idle_sent=self._idle_sent.get(path),
+                timing=self._timing,
+            )
+            if actions != [CheckMp4()]:
+                break
+            assert sig is not None
+            verdict = await self._verdict(path, sig)
+        for action in actions:
+            stream = await self._act(path, action, current, stream, verdict)
+        if current is None:
+            for table in (self._sig, self._changed_at, self._idle_sent, self._verdicts):
+                table.pop(path, None)
+
+    async def _verdict(self, path: str, sig: tuple[int, int, int]) -> mp4.Mp4Verdict:
+        cached = self._verdicts.get(path)
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        try:
+            verdict = await asyncio.to_thread(mp4.check_file, path)
+        except OSError as exc:
+            verdict = mp4.Mp4Verdict(mp4.Mp4Status.INVALID, f"cannot read: {exc}")
+        self._verdicts[path] = (sig, verdict)
+        return verdict
+
+    async def _act(
+        self,
+        path: str,
+        action: object,
+        current: files.FileStat | None,
+        stream: StreamState | None,
+        verdict: mp4.Mp4Verdict | None,
+    ) -> StreamState | None:
+        deps = self._deps
+        now = deps.now()
+        if isinstance(action, Seen):
+            assert current is not None
+            stream_id = self._new_id()
+            rel = self._rel(path)
+            await deps.emit(
+                FileSeen(
+                    stream_id=stream_id,
+                    at=now,
+                    path=path,
+                    rel_path=rel,
+                    bucket=self._cfg.s3_bucket_name,
+                    key=f"{self._cfg.s3_key_prefix}{stream_id}/{rel}",
+                    size=current.size,
+                    mtime_ns=current.mtime_ns,
+                    inode=current.inode,
+                )
+            )
+            self._idle_sent.pop(path, None)
+            log.info("new recording", path=path, stream_id=stream_id, size=current.size)
+        elif isinstance(action, Grew):
+            assert current is not None and stream is not None
+            await deps.emit(
+                BytesAvailable(
+                    stream_id=stream.stream_id,
+                    at=now,
+                    size=current.size,
+                    mtime_ns=current.mtime_ns,
+                )
+            )
+        elif isinstance(action, Gone):
+            assert stream is not None
+            log.info("recording deleted before completion", path=path, stream_id=stream.stream_id)
+            await deps.emit(FileDeleted(stream_id=stream.stream_id, at=now, path=path))
+        elif isinstance(action, Truncated):
+            assert current is not None and stream is not None
+            log.warning(
+                "recording truncated or replaced; its content becomes a new stream",
+                path=path,
+                stream_id=stream.stream_id,
+            )
+            await deps.emit(
+                FileTruncated(stream_id=stream.stream_id, at=now, path=path, size=current.size)
+            )
+        elif isinstance(action, Idle):
+            assert current is not None and stream is not None and verdict is not None
+            await deps.emit(
+                StreamIdle(
+                    stream_id=stream.stream_id,
+                    at=now,
+                    size=current.size,
+                    mtime_ns=current.mtime_ns,
+                    reason=action.reason,
+                    mp4=verdict.status.value,
+                    mp4_reason=verdict.reason,
+                )
+            )
+            self._idle_sent[path] = (current.size, current.mtime_ns)
+        projection = await deps.projection.catch_up()
+        return projection.for_path(path)

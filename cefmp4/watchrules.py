@@ -1,0 +1,103 @@
+"""What the watcher concludes from one look at one path: a pure function.
+
+Inputs are the file's current stat, the projection's newest stream for the
+path, how long the file has been quiet (as seen by this watcher), the MP4
+verdict if it was computed, and which (size, mtime) this process already
+reported idle. The output is a list of actions the watcher turns into events.
+Keeping this pure makes the rules testable exhaustively, and keeps the watcher
+level-triggered: it never needs to remember what it emitted before a restart,
+because the projection says it.
+
+Rules, in order:
+* gone from disk -> ``Gone`` for a live stream;
+* no stream, or new content where a finished one was -> ``Seen`` (a completed
+  object is never overwritten: changed content after completion is a new
+  recording with a new key);
+* shrank or replaced (new inode) while live -> ``Truncated`` + ``Seen``;
+* grew or patched -> ``Grew`` (one per look: coalesced);
+* quiet for ``settle`` and structurally complete, or quiet for ``timeout``
+  whatever the content -> ``Idle`` (once per (size, mtime) per process).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from cefmp4.files import FileStat
+from cefmp4.mp4 import Mp4Status, Mp4Verdict
+from projections.streams import StreamState
+
+
+class Seen(msgspec.Struct, frozen=True):
+    pass
+
+
+class Grew(msgspec.Struct, frozen=True):
+    pass
+
+
+class Gone(msgspec.Struct, frozen=True):
+    pass
+
+
+class Truncated(msgspec.Struct, frozen=True):
+    pass
+
+
+class CheckMp4(msgspec.Struct, frozen=True):
+    """Ask the caller to walk the MP4 boxes and decide again with the verdict."""
+
+
+class Idle(msgspec.Struct, frozen=True):
+    reason: Literal["settled", "timeout"]
+
+
+Action = Seen | Grew | Gone | Truncated | CheckMp4 | Idle
+
+
+class Timing(msgspec.Struct, frozen=True):
+    settle: float
+    timeout: float
+
+
+def decide(
+    current: FileStat | None,
+    stream: StreamState | None,
+    *,
+    quiet_for: float,
+    verdict: Mp4Verdict | None,
+    idle_sent: tuple[int, int] | None,
+    timing: Timing,
+) -> list[Action]:
+    if current is None:
+        if stream is not None and not stream.terminal and stream.gone is None:
+            return [Gone()]
+        return []
+    if stream is None:
+        return [Seen()]
+    if stream.terminal:
+        if stream.completion is not None:
+            ref = (stream.completion.size, stream.completion.mtime_ns)
+        else:
+            ref = (stream.size, stream.mtime_ns)
+        if stream.gone == "deleted" or (current.size, current.mtime_ns) != ref:
+            return [Seen()]
+        return [Seen()] if current.inode != stream.inode else []
+    if stream.gone is not None:
+        return []  # the uploader is ending it; a new stream follows once it is terminal
+    if current.inode != stream.inode or current.size < stream.size:
+        return [Truncated(), Seen()]
+    if (current.size, current.mtime_ns) != (stream.size, stream.mtime_ns):
+        return [Grew()]
+    if idle_sent == (current.size, current.mtime_ns):
+        return []
+    if quiet_for >= timing.timeout:
+        return [CheckMp4()] if verdict is None else [Idle("timeout")]
+    if quiet_for >= timing.settle:
+        if verdict is None:
+            return [CheckMp4()]
+        if verdict.status is Mp4Status.COMPLETE:
+            return [Idle("settled")]
+    return []

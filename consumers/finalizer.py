@@ -1,0 +1,211 @@
+"""The ``finalizers`` group: turn an idle stream into one byte-exact object.
+
+On ``StreamIdle`` the file is compared with the moment the watcher called it
+idle; if it changed since, nothing happens (the watcher has reported the
+change and will call it idle again). Otherwise every part is read once more,
+in order: its MD5 is compared with the recorded one, so bytes the recorder
+patched after they were sent (the ``mdat`` size at offset ~40, a rewritten
+``moov``, a faststart shift of the whole file) are sent again under the same
+part number, and the SHA-256 of the whole file is computed on the way. The
+tail goes up as the last part, the file is checked once more to be unchanged,
+the upload is completed and the object's size verified with HEAD. Only then is
+``StreamCompleted`` written.
+
+Idempotence: a completion that already happened (crash before the event) is
+recognised by NoSuchUpload + an object of the right size; a small file goes up
+with one PutObject to the stream's own key, so repeating it is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import structlog
+
+from cefmp4 import files
+from cefmp4.deps import Deps
+from cefmp4.errors import NoSuchUpload, PermanentError
+from cefmp4.events import Event, StreamCompleted, StreamIdle
+from cefmp4.partplan import Span, capacity, final_parts, fits_single_put
+from consumers.uploads import CONTENT_TYPE, Uploads, first_failure, matches, md5_of
+from projections.streams import Part, StreamState
+
+log = structlog.get_logger(__name__)
+
+
+class FileMoved(Exception):
+    """The file changed during finalization; wait for the next StreamIdle."""
+
+
+class Finalizer:
+    group = "finalizers"
+    wants: tuple[type[Event], ...] = (StreamIdle,)
+
+    def __init__(self, deps: Deps, uploads: Uploads) -> None:
+        self._deps = deps
+        self._uploads = uploads
+
+    async def handle(self, event: Event) -> None:
+        assert isinstance(event, StreamIdle)
+        async with self._deps.locks.hold(event.stream_id):
+            s = (await self._deps.projection.catch_up()).streams.get(event.stream_id)
+            if s is None or s.terminal:
+                return
+            if s.gone is not None:
+                await self._uploads.fail(s, s.gone, f"{s.path} {s.gone}")
+                return
+            started = time.monotonic()
+            async with self._uploads.stream_slots:
+                try:
+                    await self._finalize(s, event)
+                except (FileMoved, files.FileGone, files.FileShrank) as exc:
+                    log.info(
+                        "file changed during finalization; resuming",
+                        stream_id=s.stream_id,
+                        why=str(exc),
+                    )
+                    return
+                except files.FileUnreadable as exc:
+                    await self._uploads.fail(s, "unreadable", str(exc))
+                    return
+            self._deps.metrics.finalize_seconds.observe(time.monotonic() - started)
+
+    def _unchanged(self, s: StreamState, idle: StreamIdle) -> files.FileStat:
+        current = files.stat(s.path)
+        if current is None:
+            raise files.FileGone(s.path)
+        if (current.size, current.mtime_ns, current.inode) != (idle.size, idle.mtime_ns, s.inode):
+            raise FileMoved(f"{s.path} changed since it went idle")
+        return current
+
+    async def _finalize(self, s: StreamState, idle: StreamIdle) -> None:
+        current = self._unchanged(s, idle)
+        chunk = self._deps.config.chunk_size_bytes
+        if current.size == 0:
+            await self._uploads.fail(s, "empty", "the file stayed empty until the idle timeout")
+            return
+        if current.size > capacity(chunk):
+            await self._uploads.fail(
+                s, "too_large", f"{current.size} bytes exceed {capacity(chunk)}"
+            )
+            return
+        if s.upload_id is None and fits_single_put(current.size, chunk):
+            etag, sha256 = await self._put_small(s, idle)
+            parts = 0
+        else:
+            etag, sha256, parts = await self._complete_multipart(
+                s, idle, final_parts(current.size, chunk)
+            )
+        info = await self._deps.store.head_object(s.key)
+        if info is None or info.size != current.size:
+            raise PermanentError(
+                f"object {s.key} has size {info and info.size}, file has {current.size}",
+                reason="verify_failed",
+            )
+        await self._deps.emit(
+            StreamCompleted(
+                stream_id=s.stream_id,
+                at=self._deps.now(),
+                bucket=s.bucket,
+                key=s.key,
+                size=current.size,
+                etag=etag,
+                sha256=sha256,
+                mtime_ns=current.mtime_ns,
+                parts=parts,
+                mp4=idle.mp4,
+                mp4_reason=idle.mp4_reason,
+            )
+        )
+        self._deps.metrics.completed.labels(idle.mp4).inc()
+        log.info(
+            "stream completed",
+            stream_id=s.stream_id,
+            key=s.key,
+            size=current.size,
+            parts=parts,
+            mp4=idle.mp4,
+        )
+
+    async def _put_small(self, s: StreamState, idle: StreamIdle) -> tuple[str, str]:
+        data = await asyncio.to_thread(files.read_range, s.path, 0, idle.size)
+        sha256 = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        _, md5_b64 = await asyncio.to_thread(md5_of, data)
+        self._unchanged(s, idle)
+        etag = await self._deps.store.put_object(s.key, data, md5_b64, CONTENT_TYPE)
+        self._deps.metrics.parts.labels("single").inc()
+        self._deps.metrics.bytes.inc(len(data))
+        return etag, sha256
+
+    async def _complete_multipart(
+        self, s: StreamState, idle: StreamIdle, spans: list[Span]
+    ) -> tuple[str, str, int]:
+        upload_id = await self._uploads.ensure_upload(s)
+        try:
+            parts = await self._uploads.reconcile(s, upload_id, idle.size)
+            etags, sha256 = await self._verify_and_send(s, upload_id, spans, parts)
+        except NoSuchUpload:
+            upload_id = await self._uploads.restart_upload(s)
+            etags, sha256 = await self._verify_and_send(s, upload_id, spans, {})
+        self._unchanged(s, idle)
+        layout = [(sp.number, etags[sp.number]) for sp in spans]
+        try:
+            etag = await self._deps.store.complete_multipart(s.key, upload_id, layout)
+        except NoSuchUpload:
+            # Completed before a crash swallowed our StreamCompleted? Then the
+            # object is there with the multipart ETag of exactly these parts.
+            info = await self._deps.store.head_object(s.key)
+            if info is None or info.etag != multipart_etag([e for _, e in layout]):
+                raise
+            etag = info.etag
+        return etag, sha256, len(spans)
+
+    async def _verify_and_send(
+        self, s: StreamState, upload_id: str, spans: list[Span], parts: dict[int, Part]
+    ) -> tuple[dict[int, str], str]:
+        """Re-read every part in order; resend those whose bytes changed."""
+        whole = hashlib.sha256()
+        etags: dict[int, str] = {}
+        limit = asyncio.Semaphore(self._deps.config.part_concurrency)
+        with first_failure():
+            async with asyncio.TaskGroup() as group:
+                for span in spans:
+                    data = await asyncio.to_thread(files.read_range, s.path, span.offset, span.size)
+                    await asyncio.to_thread(whole.update, data)
+                    known = parts.get(span.number)
+                    if matches(known, span):
+                        assert known is not None
+                        md5_hex, _ = await asyncio.to_thread(md5_of, data)
+                        if md5_hex == known.md5:
+                            etags[span.number] = known.etag
+                            continue
+                        log.info(
+                            "part changed after upload; sending again",
+                            stream_id=s.stream_id,
+                            part=span.number,
+                        )
+                    await limit.acquire()
+                    group.create_task(self._send(s, upload_id, span, data, etags, limit))
+        return etags, whole.hexdigest()
+
+    async def _send(
+        self,
+        s: StreamState,
+        upload_id: str,
+        span: Span,
+        data: bytes,
+        etags: dict[int, str],
+        limit: asyncio.Semaphore,
+    ) -> None:
+        try:
+            etags[span.number] = await self._uploads.send_bytes(s, upload_id, span, data, "final")
+        finally:
+            limit.release()
+
+
+def multipart_etag(part_etags: list[str]) -> str:
+    """S3's ETag of a completed multipart object: md5 of the part MD5s, '-N'."""
+    digest = hashlib.md5(b"".join(bytes.fromhex(e) for e in part_etags), usedforsecurity=False)
+    return f"{digest.hexdigest()}-{len(part_etags)}"

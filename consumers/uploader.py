@@ -1,0 +1,65 @@
+"""The ``uploaders`` group: send whole parts while a recording grows.
+
+Handles ``FileSeen`` and ``BytesAvailable`` (and the watcher's ``FileDeleted`` /
+``FileTruncated``, which end a stream). The event is only a trigger: the
+handler looks at the projection and the file *now* and sends every whole part
+not yet in S3. Duplicate or late triggers therefore do nothing, and a burst of
+``BytesAvailable`` costs one pass. Only whole parts are sent (see
+``cefmp4.partplan``); the multipart upload is created when the first exists.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from cefmp4 import files
+from cefmp4.deps import Deps
+from cefmp4.errors import NoSuchUpload
+from cefmp4.events import BytesAvailable, Event, FileDeleted, FileSeen, FileTruncated
+from cefmp4.partplan import whole_parts
+from consumers.uploads import Uploads, matches
+from projections.streams import StreamState
+
+log = structlog.get_logger(__name__)
+
+WANTS: tuple[type[Event], ...] = (FileSeen, BytesAvailable, FileDeleted, FileTruncated)
+
+
+class Uploader:
+    group = "uploaders"
+    wants = WANTS
+
+    def __init__(self, deps: Deps, uploads: Uploads) -> None:
+        self._deps = deps
+        self._uploads = uploads
+
+    async def handle(self, event: Event) -> None:
+        async with self._deps.locks.hold(event.stream_id):
+            state = (await self._deps.projection.catch_up()).streams.get(event.stream_id)
+            if state is None or state.terminal:
+                return
+            if state.gone is not None:
+                await self._uploads.fail(state, state.gone, f"{state.path} {state.gone}")
+                return
+            async with self._uploads.stream_slots:
+                await self.sync(state)
+
+    async def sync(self, s: StreamState) -> None:
+        """Send every whole part of the current file that S3 does not have."""
+        current = files.stat(s.path)
+        if current is None or current.inode != s.inode:
+            return  # the watcher reports what happened to the path
+        chunk = self._deps.config.chunk_size_bytes
+        spans = list(whole_parts(current.size, chunk))
+        if not spans or all(matches(s.parts.get(sp.number), sp) for sp in spans):
+            return
+        upload_id = await self._uploads.ensure_upload(s)
+        try:
+            parts = await self._uploads.reconcile(s, upload_id, current.size)
+            missing = [sp for sp in spans if not matches(parts.get(sp.number), sp)]
+            await self._uploads.send(s, upload_id, missing, why="growing")
+        except NoSuchUpload:
+            upload_id = await self._uploads.restart_upload(s)
+            await self._uploads.send(s, upload_id, spans, why="resend")
+        except (files.FileGone, files.FileShrank) as exc:
+            log.info("file changed while reading; waiting for the watcher", error=str(exc))

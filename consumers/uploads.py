@@ -1,0 +1,211 @@
+"""Multipart mechanics shared by the uploader and the finalizer.
+
+Every method is idempotent against the log *and* the store, because a message
+may be handled twice and a process may die between any two steps:
+
+* ``ensure_upload`` adopts a multipart upload that exists in the store but not
+  in the log (crash after CreateMultipartUpload, before ``UploadStarted``)
+  instead of creating a second one, and aborts any extra.
+* ``reconcile`` runs once per stream per process: parts the store has but the
+  log lacks are checked against the file (MD5 = ETag) and recorded, or left to
+  be sent again. The store is the truth; the log's parts are its cache.
+* ``send`` reads, hashes and uploads parts, ``PART_CONCURRENCY`` at a time per
+  stream; memory is bounded by the parts in flight.
+* ``fail`` aborts the upload (so nothing is left open) and records why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import structlog
+
+from cefmp4 import files
+from cefmp4.deps import Deps
+from cefmp4.errors import NoSuchUpload, PermanentError
+from cefmp4.events import PartUploaded, StreamFailed, UploadStarted
+from cefmp4.partplan import Span, part_offset
+from projections.streams import Part, StreamState
+
+log = structlog.get_logger(__name__)
+CONTENT_TYPE = "video/mp4"
+
+
+def md5_of(data: bytes) -> tuple[str, str]:
+    """(hex, base64) MD5; hashlib drops the GIL, so run it in a thread."""
+    digest = hashlib.md5(data, usedforsecurity=False).digest()
+    return digest.hex(), base64.b64encode(digest).decode()
+
+
+@contextmanager
+def first_failure() -> Iterator[None]:
+    """Unwrap a TaskGroup's ExceptionGroup: callers decide on the kind of
+    failure (NoSuchUpload, FileGone, ...); the first one is the cause and the
+    other tasks were cancelled because of it."""
+    try:
+        yield
+    except BaseExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None
+
+
+def matches(part: Part | None, span: Span) -> bool:
+    """A recorded part stands for ``span`` only if it covers the same bytes."""
+    return part is not None and part.offset == span.offset and part.size == span.size
+
+
+class Uploads:
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+        self._reconciled: set[tuple[str, str]] = set()
+        self._streams = asyncio.Semaphore(deps.config.max_concurrent_streams)
+
+    @property
+    def stream_slots(self) -> asyncio.Semaphore:
+        """At most MAX_CONCURRENT_STREAMS streams move bytes at once."""
+        return self._streams
+
+    async def ensure_upload(self, s: StreamState) -> str:
+        if s.upload_id is not None:
+            return s.upload_id
+        store = self._deps.store
+        mine = [u for u in await store.list_uploads(s.key) if u.key == s.key]
+        if mine:
+            upload_id = mine[0].upload_id
+            for extra in mine[1:]:
+                await self._abort_quietly(s.key, extra.upload_id)
+            log.info("adopting multipart upload found in store", stream_id=s.stream_id)
+        else:
+            upload_id = await store.create_multipart(s.key, CONTENT_TYPE)
+        await self._deps.emit(
+            UploadStarted(stream_id=s.stream_id, at=self._deps.now(), upload_id=upload_id)
+        )
+        return upload_id
+
+    async def restart_upload(self, s: StreamState) -> str:
+        """The store lost our upload (lifecycle rule, abort by hand): start over."""
+        log.warning("multipart upload vanished; starting a new one", stream_id=s.stream_id)
+        upload_id = await self._deps.store.create_multipart(s.key, CONTENT_TYPE)
+        await self._deps.emit(
+            UploadStarted(stream_id=s.stream_id, at=self._deps.now(), upload_id=upload_id)
+        )
+        return upload_id
+
+    async def reconcile(self, s: StreamState, upload_id: str, file_size: int) -> dict[int, Part]:
+        """Parts known for ``upload_id`` after checking the store, once per process."""
+        if (s.stream_id, upload_id) in self._reconciled:
+            return s.parts
+        remote = await self._deps.store.list_parts(s.key, upload_id)
+        parts = dict(s.parts)
+        for rp in remote:
+            known = parts.get(rp.number)
+            if known is not None and known.etag == rp.etag:
+                continue
+            if known is not None:
+                del parts[rp.number]  # the log's part was replaced by a later send
+            offset = self._offset_of(rp.number)
+            if offset + rp.size > file_size:
+                continue
+            data = await asyncio.to_thread(files.read_range, s.path, offset, rp.size)
+            md5_hex, _ = await asyncio.to_thread(md5_of, data)
+            if md5_hex != rp.etag:
+                continue  # stale bytes in the store: this part will be sent again
+            event = PartUploaded(
+                stream_id=s.stream_id,
+                at=self._deps.now(),
+                upload_id=upload_id,
+                part_number=rp.number,
+                offset=offset,
+                size=rp.size,
+                etag=rp.etag,
+                md5=md5_hex,
+            )
+            await self._deps.emit(event)
+            parts[rp.number] = Part(rp.number, offset, rp.size, rp.etag, md5_hex, event.at)
+            log.info("adopted part found in store", stream_id=s.stream_id, part=rp.number)
+        self._reconciled.add((s.stream_id, upload_id))
+        return parts
+
+    def _offset_of(self, number: int) -> int:
+        return part_offset(number, self._deps.config.chunk_size_bytes)
+
+    async def send(
+        self, s: StreamState, upload_id: str, spans: Iterable[Span], why: str
+    ) -> dict[int, str]:
+        """Upload ``spans`` concurrently; returns part number -> ETag."""
+        limit = asyncio.Semaphore(self._deps.config.part_concurrency)
+        etags: dict[int, str] = {}
+
+        async def one(span: Span) -> None:
+            async with limit:
+                data = await asyncio.to_thread(files.read_range, s.path, span.offset, span.size)
+                etags[span.number] = await self.send_bytes(s, upload_id, span, data, why)
+
+        with first_failure():
+            async with asyncio.TaskGroup() as group:
+                for span in spans:
+                    group.create_task(one(span))
+        return etags
+
+    async def send_bytes(
+        self, s: StreamState, upload_id: str, span: Span, data: bytes, why: str
+    ) -> str:
+        md5_hex, md5_b64 = await asyncio.to_thread(md5_of, data)
+        etag = await self._deps.store.upload_part(s.key, upload_id, span.number, data, md5_b64)
+        await self._deps.emit(
+            PartUploaded(
+                stream_id=s.stream_id,
+                at=self._deps.now(),
+                upload_id=upload_id,
+                part_number=span.number,
+                offset=span.offset,
+                size=span.size,
+                etag=etag,
+                md5=md5_hex,
+            )
+        )
+        self._deps.metrics.parts.labels(why).inc()
+        self._deps.metrics.bytes.inc(span.size)
+        return etag
+
+    async def fail(self, s: StreamState, reason: str, detail: str = "") -> None:
+        """End the stream without an object: abort the upload, then say why."""
+        if s.upload_id is not None:
+            await self._abort_quietly(s.key, s.upload_id)
+        level = log.info if reason in ("deleted", "truncated") else log.error
+        level("stream failed", stream_id=s.stream_id, path=s.path, reason=reason, detail=detail)
+        await self._deps.emit(
+            StreamFailed(stream_id=s.stream_id, at=self._deps.now(), reason=reason, detail=detail)
+        )
+        self._deps.metrics.failed.labels(reason).inc()
+
+    async def _abort_quietly(self, key: str, upload_id: str) -> None:
+        try:
+            await self._deps.store.abort_multipart(key, upload_id)
+        except NoSuchUpload:
+            pass  # already gone: the outcome we wanted
+        except PermanentError as exc:
+            # Left for `cefmp4 gc` / the bucket's lifecycle rule; the failure
+            # event still goes out so the stream does not hang.
+            log.error("abort failed; upload left for gc", key=key, error=str(exc))
+
+
+def failer(deps: Deps, uploads: Uploads) -> Callable[[str, str, str], Awaitable[None]]:
+    """The consumer supervisor's way to end a stream after an unrecoverable error."""
+
+    async def fail(stream_id: str, reason: str, detail: str) -> None:
+        async with deps.locks.hold(stream_id):
+            s = (await deps.projection.catch_up()).streams.get(stream_id)
+            if s is not None and not s.terminal:
+                await uploads.fail(s, reason, detail)
+                return
+        # Terminal already (e.g. the sidecar of a completed stream failed): the
+        # event still records why; the fold keeps the completion.
+        await deps.emit(
+            StreamFailed(stream_id=stream_id, at=deps.now(), reason=reason, detail=detail)
+        )
+
+    return fail

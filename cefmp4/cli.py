@@ -85,7 +85,7 @@ def local_servers(config: Config, data_dir: Path) -> Iterator[Config]:
         print(
             f"""
 CefMP4 local default
-  watching   {local.watch_dir.resolve()}   (drop or record *.mp4 files here)
+  watching   {local.watch_root}   (drop or record *.mp4 files here)
   redis      {redis.url}   (log: XRANGE {local.events_key} - +)
   s3         {endpoint.url}  bucket {local.s3_bucket_name}
   look at the objects with:

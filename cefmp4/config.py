@@ -28,7 +28,7 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 class Config(
     msgspec.Struct, frozen=True, kw_only=True, rename="upper", forbid_unknown_fields=False
 ):
-    watch_dir: Path = Path("./local_watch_dir")
+    watch_dir: Annotated[str, msgspec.Meta(min_length=1)] = "./local_watch_dir"
     chunk_size_bytes: Annotated[int, msgspec.Meta(ge=MIN_PART_SIZE, le=MAX_PART_SIZE)] = (
         10 * 1024 * 1024
     )
@@ -55,6 +55,11 @@ class Config(
     claim_idle_seconds: PositiveFloat = 60.0
     shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 20.0
     replica_id: str = ""
+
+    @property
+    def watch_root(self) -> Path:
+        """WATCH_DIR as an absolute path (msgspec converts no Path from env text)."""
+        return Path(self.watch_dir).resolve()
 
     @property
     def events_key(self) -> str:

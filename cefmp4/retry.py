@@ -37,7 +37,7 @@ def _log_retry(state: RetryCallState) -> None:
 def transient(*, attempts: int | None = 8, max_wait: float = 5.0) -> AsyncRetrying:
     return AsyncRetrying(
         retry=retry_if_exception_type(TransientError),
-        wait=wait_exponential_jitter(initial=0.1, max=max_wait),
+        wait=wait_exponential_jitter(multiplier=0.1, max=max_wait, jitter=0.1),
         stop=stop_never if attempts is None else stop_after_attempt(attempts),
         before_sleep=_log_retry,
         reraise=True,

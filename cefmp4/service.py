@@ -129,7 +129,7 @@ class Service:
         await self.start()
         log.info(
             "service running",
-            watch_dir=str(self.deps.config.watch_dir.resolve()),
+            watch_dir=str(self.deps.config.watch_root),
             replica=self.deps.config.replica,
         )
         async with asyncio.TaskGroup() as group:

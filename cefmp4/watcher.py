@@ -62,7 +62,7 @@ class Watcher:
     ) -> None:
         self._deps = deps
         self._cfg = deps.config
-        self._root = deps.config.watch_dir.resolve()
+        self._root = deps.config.watch_root
         self._new_id = new_stream_id
         self._clock = monotonic
         self._tick = tick_seconds

@@ -1,0 +1,141 @@
+"""Running the real service inside a test, against real Redis and real S3.
+
+``running(config)`` starts the whole service (watcher + the three consumer
+groups) in the test's event loop; ``Harness.until`` polls the projection until
+a condition holds or a deadline passes (a condition, not a sleep), and dumps
+the event log on failure so the reason is visible. ``subprocess_env`` builds
+the environment for the kill -9 tests, which run ``python -m cefmp4 run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from cefmp4.config import Config
+from cefmp4.eventlog import EventLog
+from cefmp4.events import Event, UnknownEvent
+from cefmp4.localservers import S3Endpoint
+from cefmp4.service import Service, connect
+from projections.streams import Projection, StreamState, replay
+
+MiB = 1024 * 1024
+
+
+def service_config(
+    watch_dir: Path, redis_url: str, key_prefix: str, bucket: str, s3: S3Endpoint, **overrides: Any
+) -> Config:
+    base: dict[str, Any] = {
+        "watch_dir": str(watch_dir),
+        "redis_url": redis_url,
+        "redis_key_prefix": key_prefix,
+        "s3_bucket_name": bucket,
+        "s3_endpoint_url": s3.url,
+        "s3_access_key_id": s3.access_key,
+        "s3_secret_access_key": s3.secret_key,
+        "s3_region_name": s3.region,
+        "chunk_size_bytes": 5 * MiB,
+        "settle_seconds": 0.5,
+        "stream_timeout_seconds": 3.0,
+        "rescan_interval_seconds": 1.0,
+        "claim_idle_seconds": 2.0,
+        "prom_port": 0,
+        "s3_timeout_seconds": 20.0,
+    }
+    base.update(overrides)
+    return Config(**base)
+
+
+def subprocess_env(config: Config) -> dict[str, str]:
+    """The environment that makes ``python -m cefmp4 run`` use ``config``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "REDIS_"))}
+    raw = msgspec.to_builtins(config, enc_hook=str)
+    env.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in raw.items()
+                if v is not None})  # fmt: skip
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env["LOG_LEVEL"] = "INFO"
+    return env
+
+
+PYTHON = sys.executable
+
+
+class Harness:
+    def __init__(self, config: Config, redis: aioredis.Redis) -> None:
+        self.config = config
+        self.log = EventLog(redis, config.events_key, "test")
+
+    async def events(self) -> list[tuple[str, Event]]:
+        entries = await self.log.read_after("0-0", count=1_000_000)
+        return [(i, e) for i, e in entries if not isinstance(e, UnknownEvent)]
+
+    async def projection(self) -> Projection:
+        return replay(await self.events())
+
+    async def until(
+        self, condition: Callable[[Projection], bool], *, timeout: float = 60.0, what: str = ""
+    ) -> Projection:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            projection = await self.projection()
+            if condition(projection):
+                return projection
+            if loop.time() > deadline:
+                dump = "\n".join(f"{i} {e!r}" for i, e in await self.events())
+                raise AssertionError(f"timed out waiting for {what or condition}:\n{dump}")
+            await asyncio.sleep(0.05)
+
+    async def terminal(self, path: Path, *, timeout: float = 60.0) -> StreamState:
+        """Wait until the newest stream of ``path`` completed (with sidecar) or failed."""
+
+        def done(p: Projection) -> bool:
+            s = p.for_path(str(path))
+            return s is not None and (s.status == "failed" or s.metadata_key is not None)
+
+        projection = await self.until(done, timeout=timeout, what=f"{path} to finish")
+        state = projection.for_path(str(path))
+        assert state is not None
+        return state
+
+
+@asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Harness]:
+    async with connect(config) as (redis, store):
+        service = Service(config, redis, store, CollectorRegistry())
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        try:
+            yield Harness(config, redis)
+        finally:
+            stop.set()
+            async with asyncio.timeout(30):
+                await task
+
+
+@asynccontextmanager
+async def log_only(config: Config) -> AsyncIterator[tuple[Harness, Service]]:
+    """The service wired but not running: for one-pass (``run_once``) checks."""
+    async with connect(config) as (redis, store):
+        yield Harness(config, redis), Service(config, redis, store, CollectorRegistry())
+
+
+def objects(s3_client: Any, bucket: str) -> dict[str, bytes]:
+    listing = s3_client.list_objects_v2(Bucket=bucket)
+    return {
+        o["Key"]: s3_client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        for o in listing.get("Contents", [])
+    }
+
+
+def open_uploads(s3_client: Any, bucket: str) -> list[Mapping[str, Any]]:
+    return list(s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))

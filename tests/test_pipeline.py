@@ -1,0 +1,337 @@
+"""End to end: recorders write into WATCH_DIR, objects appear in a real S3
+(SeaweedFS, which enforces the 5 MiB part minimum) via a real Redis log.
+
+Every test ends with the same three checks: the object equals the file byte
+for byte, there is exactly one object (plus its sidecar) per recording, and no
+multipart upload is left open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cefmp4.events import FileSeen, PartUploaded, StreamCompleted, StreamFailed
+from cefmp4.localservers import S3Endpoint
+from projections.streams import StreamState
+from tests import mp4gen
+from tests.harness import (
+    PYTHON,
+    MiB,
+    log_only,
+    objects,
+    open_uploads,
+    running,
+    service_config,
+    subprocess_env,
+)
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> mp4gen.Mp4Sources:
+    return mp4gen.build_sources(tmp_path_factory.mktemp("mp4"))
+
+
+@pytest.fixture(scope="session")
+def large_faststart(sources: mp4gen.Mp4Sources, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return mp4gen.remux_faststart(sources.large, tmp_path_factory.mktemp("fs") / "large_fs.mp4")
+
+
+@pytest.fixture
+def watch(tmp_path: Path) -> Path:
+    path = tmp_path / "watch"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def make_config(
+    watch: Path, redis_url: str, key_prefix: str, bucket: str, s3_endpoint: S3Endpoint
+) -> Any:
+    def make(**overrides: Any) -> Any:
+        return service_config(watch, redis_url, key_prefix, bucket, s3_endpoint, **overrides)
+
+    return make
+
+
+def assert_stored(
+    s3_client: Any, bucket: str, state: StreamState, expected: bytes
+) -> dict[str, Any]:
+    """Byte-exact object + its sidecar; returns the sidecar."""
+    assert state.status == "completed", (state.failure_reason, state.failure_detail)
+    stored = objects(s3_client, bucket)
+    assert stored[state.key] == expected, "object differs from the file"
+    sidecar = json.loads(stored[f"{state.key}.metadata.json"])
+    assert sidecar["total_size_bytes"] == len(expected)
+    assert sidecar["stream_id"] == state.stream_id
+    import hashlib
+
+    assert sidecar["sha256"] == hashlib.sha256(expected).hexdigest()
+    return dict(sidecar)
+
+
+def assert_clean(s3_client: Any, bucket: str, recordings: int) -> None:
+    keys = objects(s3_client, bucket).keys()
+    videos = [k for k in keys if not k.endswith(".metadata.json")]
+    assert len(videos) == recordings, sorted(keys)
+    assert open_uploads(s3_client, bucket) == []
+
+
+async def test_slowly_growing_file_streams_while_written(
+    make_config: Any, watch: Path, sources: mp4gen.Mp4Sources, s3_client: Any, bucket: str
+) -> None:
+    dst = watch / "cam1" / "slow.mp4"
+    dst.parent.mkdir()
+    async with running(make_config()) as h:
+        await mp4gen.record_append(sources.large, dst, chunk=256 * 1024, delay=0.03)
+        written_at = (await h.events())[-1][0]
+        state = await h.terminal(dst)
+        events = await h.events()
+    sidecar = assert_stored(s3_client, bucket, state, sources.large.read_bytes())
+    assert_clean(s3_client, bucket, 1)
+    assert state.key.endswith("/cam1/slow.mp4")
+    assert sidecar["mp4_complete"] is True
+    assert sidecar["duration_seconds"] == pytest.approx(2.0, abs=0.2)
+    # Streaming, not batch: parts went up before the recorder had finished.
+    early = [e for i, e in events if isinstance(e, PartUploaded) and i <= written_at]
+    assert early, "no part was uploaded while the file was growing"
+    # Every non-last part is a whole part of the plan (S3 would reject less).
+    completed = next(e for _, e in events if isinstance(e, StreamCompleted))
+    sizes = [p.size for n, p in sorted(state.parts.items()) if n <= completed.parts]
+    assert all(s == 5 * MiB for s in sizes[:-1])
+
+
+async def test_mdat_size_patched_back_at_the_end(
+    make_config: Any, watch: Path, sources: mp4gen.Mp4Sources, s3_client: Any, bucket: str
+) -> None:
+    dst = watch / "patched.mp4"
+    async with running(make_config()) as h:
+        await mp4gen.record_mdat_patch(sources.large, dst, chunk=512 * 1024, delay=0.02)
+        state = await h.terminal(dst)
+        events = await h.events()
+    assert_stored(s3_client, bucket, state, sources.large.read_bytes())
+    assert_clean(s3_client, bucket, 1)
+    sent_part1 = [e for _, e in events if isinstance(e, PartUploaded) and e.part_number == 1]
+    assert len(sent_part1) >= 2, "the patched first part was not sent again"
+
+
+async def test_faststart_rewrite_shifts_the_whole_file(
+    make_config: Any,
+    watch: Path,
+    sources: mp4gen.Mp4Sources,
+    large_faststart: Path,
+    s3_client: Any,
+    bucket: str,
+) -> None:
+    dst = watch / "faststart.mp4"
+    async with running(make_config()) as h:
+        await mp4gen.record_faststart(
+            sources.large, dst, chunk=512 * 1024, delay=0.02, faststart_version=large_faststart
+        )
+        state = await h.terminal(dst)
+    sidecar = assert_stored(s3_client, bucket, state, large_faststart.read_bytes())
+    assert sidecar["mp4_complete"] is True
+    assert_clean(s3_client, bucket, 1)
+
+
+async def test_fragmented_file_finishes_on_idle_timeout(
+    make_config: Any, watch: Path, sources: mp4gen.Mp4Sources, s3_client: Any, bucket: str
+) -> None:
+    dst = watch / "frag.mp4"
+    async with running(make_config(stream_timeout_seconds=2.0)) as h:
+        await mp4gen.record_append(sources.fragmented, dst, chunk=64 * 1024, delay=0.01)
+        state = await h.terminal(dst)
+    sidecar = assert_stored(s3_client, bucket, state, sources.fragmented.read_bytes())
+    assert sidecar["mp4_structure"] == "fragmented"
+    assert state.idle is not None and state.idle.reason == "timeout"
+    assert_clean(s3_client, bucket, 1)
+
+
+async def test_small_file_is_one_put(
+    make_config: Any, watch: Path, sources: mp4gen.Mp4Sources, s3_client: Any, bucket: str
+) -> None:
+    dst = watch / "small.MP4"  # the extension matches case-insensitively
+    async with running(make_config()) as h:
+        await mp4gen.record_append(sources.regular, dst, chunk=64 * 1024, delay=0.0)
+        state = await h.terminal(dst)
+    assert state.upload_id is None
+    assert state.completion is not None and state.completion.parts == 0
+    sidecar = assert_stored(s3_client, bucket, state, sources.regular.read_bytes())
+    assert sidecar["chunks"][0]["size_bytes"] == sources.regular.stat().st_size
+    assert_clean(s3_client, bucket, 1)
+
+
+async def test_empty_file_fails_with_reason_and_no_object(
+    make_config: Any, watch: Path, s3_client: Any, bucket: str
+) -> None:
+    dst = watch / "empty.mp4"
+    async with running(make_config(stream_timeout_seconds=1.0)) as h:
+        dst.touch()
+        state = await h.terminal(dst)
+    assert state.status == "failed" and state.failure_reason == "empty"
+    assert_clean(s3_client, bucket, 0)
+
+
+async def test_not_an_mp4_is_uploaded_and_sidecar_says_why(
+    make_config: Any, watch: Path, s3_client: Any, bucket: str
+) -> None:
+    dst = watch / "garbage.mp4"
+    content = os.urandom(6 * MiB + 123)
+    async with running(make_config(stream_timeout_seconds=1.5)) as h:
+        dst.write_bytes(content)
+        state = await h.terminal(dst)
+    sidecar = assert_stored(s3_client, bucket, state, content)
+    assert sidecar["mp4_complete"] is False
+    assert sidecar["mp4_structure"] == "invalid"
+    assert sidecar["duration_seconds"] is None
+    assert sidecar["ffprobe_error"]
+    assert_clean(s3_client, bucket, 1)
+
+
+async def test_deleted_mid_upload_aborts_the_upload(
+    make_config: Any, watch: Path, s3_client: Any, bucket: str
+) -> None:
+    dst = watch / "deleted.mp4"
+    async with running(make_config()) as h:
+        with dst.open("wb") as f:
+            f.write(os.urandom(11 * MiB))
+        await h.until(
+            lambda p: (s := p.for_path(str(dst))) is not None and len(s.parts) == 2,
+            what="two parts uploaded",
+        )
+        dst.unlink()
+        state = await h.terminal(dst)
+    assert state.status == "failed" and state.failure_reason == "deleted"
+    assert_clean(s3_client, bucket, 0)
+
+
+async def test_truncate_and_rewrite_becomes_a_new_stream(
+    make_config: Any, watch: Path, sources: mp4gen.Mp4Sources, s3_client: Any, bucket: str
+) -> None:
+    dst = watch / "reused.mp4"
+    async with running(make_config()) as h:
+        await mp4gen.record_append(sources.large, dst, chunk=1024 * 1024, delay=0.0)
+        first = await h.terminal(dst)
+        await mp4gen.truncate_and_rewrite(sources.regular, dst)
+        await h.until(
+            lambda p: (s := p.for_path(str(dst))) is not None and s.stream_id != first.stream_id,
+            what="a second stream",
+        )
+        second = await h.terminal(dst)
+    assert first.key != second.key
+    assert_stored(s3_client, bucket, first, sources.large.read_bytes())
+    assert_stored(s3_client, bucket, second, sources.regular.read_bytes())
+    assert_clean(s3_client, bucket, 2)
+
+
+async def test_truncated_while_uploading_abandons_the_first_stream(
+    make_config: Any, watch: Path, sources: mp4gen.Mp4Sources, s3_client: Any, bucket: str
+) -> None:
+    dst = watch / "restarted.mp4"
+    async with running(make_config()) as h:
+        with dst.open("wb") as f:
+            f.write(os.urandom(11 * MiB))
+        first = await h.until(
+            lambda p: (s := p.for_path(str(dst))) is not None and len(s.parts) == 2,
+            what="two parts uploaded",
+        )
+        first_id = first.by_path[str(dst)]
+        await mp4gen.truncate_and_rewrite(sources.regular, dst)
+        second = await h.terminal(dst)
+        p = await h.projection()
+    assert p.streams[first_id].failure_reason == "truncated"
+    assert second.stream_id != first_id
+    assert_stored(s3_client, bucket, second, sources.regular.read_bytes())
+    assert_clean(s3_client, bucket, 1)
+
+
+async def test_files_present_at_start_and_no_reupload_after_restart(
+    make_config: Any, watch: Path, sources: mp4gen.Mp4Sources, s3_client: Any, bucket: str
+) -> None:
+    (watch / "sub").mkdir()
+    a, b = watch / "a.mp4", watch / "sub" / "b.mp4"
+    a.write_bytes(sources.large.read_bytes())
+    b.write_bytes(sources.regular.read_bytes())
+    (watch / ".hidden.mp4").write_bytes(b"x")  # ignored: hidden
+    (watch / "notes.txt").write_text("ignored: not an mp4")
+    config = make_config()
+    async with running(config) as h:
+        state_a = await h.terminal(a)
+        state_b = await h.terminal(b)
+        before = len(await h.events())
+    assert_stored(s3_client, bucket, state_a, sources.large.read_bytes())
+    assert_stored(s3_client, bucket, state_b, sources.regular.read_bytes())
+    assert_clean(s3_client, bucket, 2)
+    # Restart, one deterministic pass of every worker: nothing to do.
+    async with log_only(config) as (h, service):
+        await service.start()
+        await service.watcher.run_once()
+        for consumer in service.consumers:
+            await consumer.run_once()
+        after = await h.events()
+    assert len(after) == before, after[before:]
+    seen = [e for _, e in after if isinstance(e, FileSeen)]
+    assert sorted(e.rel_path for e in seen) == ["a.mp4", "sub/b.mp4"]
+
+
+async def test_kill_9_mid_upload_then_restart_finishes_byte_exact(
+    make_config: Any, watch: Path, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    config = make_config()
+    env = subprocess_env(config)
+    dst = watch / "killed.mp4"
+    content = os.urandom(23 * MiB + 17)
+    log_file = (tmp_path / "service.log").open("ab")
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [PYTHON, "-m", "cefmp4", "run"], env=env, stdout=log_file, stderr=log_file
+        )
+
+    proc = start()
+    try:
+        async with log_only(config) as (h, _service):
+            with dst.open("wb") as f:
+                f.write(content[: 12 * MiB])
+                f.flush()
+                await h.until(
+                    lambda p: (s := p.for_path(str(dst))) is not None and len(s.parts) >= 1,
+                    what="first part",
+                )
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                f.write(content[12 * MiB :])
+            proc = start()
+            state = await h.terminal(dst, timeout=90)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log_file.close()
+    assert proc.returncode == 0, (tmp_path / "service.log").read_text()[-3000:]
+    assert_stored(s3_client, bucket, state, content)
+    assert_clean(s3_client, bucket, 1)
+
+
+async def test_unknown_events_and_failures_do_not_stop_the_service(
+    make_config: Any, watch: Path, sources: mp4gen.Mp4Sources, s3_client: Any, bucket: str
+) -> None:
+    """A foreign entry in the log is skipped; later recordings still complete."""
+    config = make_config()
+    async with running(config) as h:
+        await h.log._redis.xadd(config.events_key, {"type": "FromTheFuture", "v": "9"})
+        dst = watch / "after.mp4"
+        await asyncio.to_thread(dst.write_bytes, sources.regular.read_bytes())
+        state = await h.terminal(dst)
+        failed = [e for _, e in await h.events() if isinstance(e, StreamFailed)]
+    assert not failed
+    assert_stored(s3_client, bucket, state, sources.regular.read_bytes())

@@ -63,6 +63,8 @@ import boto3
 import redis
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 __all__ = [
     "JuiceFSGateway",
@@ -79,7 +81,9 @@ DEFAULT_ACCESS_KEY = "cefmp4-admin"
 DEFAULT_SECRET_KEY = "cefmp4-local-secret"
 
 _LOG_TAIL_LINES = 40
-_POLL_SECONDS = 0.1
+# Readiness polling starts fast (Redis is up in milliseconds) and backs off.
+_POLL_FIRST_SECONDS = 0.01
+_POLL_MAX_SECONDS = 0.2
 # SeaweedFS components find each other's gRPC port as "HTTP port + 10000" in
 # places that ignore the explicit -*.port.grpc flags (the maintenance worker
 # dials the admin server that way), so every HTTP/gRPC pair keeps that offset.
@@ -379,6 +383,7 @@ class _ManagedServer:
     def _wait_until_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
         probe = self._readiness_probe()
         deadline = time.monotonic() + timeout
+        delay = _POLL_FIRST_SECONDS
         while True:
             code = proc.poll()
             if code is not None:
@@ -397,7 +402,8 @@ class _ManagedServer:
                     f"{self._display_name} not ready after {timeout:g}s (last probe: {problem}); "
                     f"log {self._log_path}:\n{self.log_tail()}"
                 )
-            time.sleep(_POLL_SECONDS)
+            time.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_SECONDS)
 
 
 class RedisServer(_ManagedServer):
@@ -453,8 +459,14 @@ class RedisServer(_ManagedServer):
         expected_pid = self.pid
 
         def probe() -> str | None:
+            # No client-side retries: the poll loop is the retry, and redis-py's
+            # default backoff would stall it for seconds after the server dies.
             client = redis.Redis(
-                host=LOOPBACK, port=self._port, socket_connect_timeout=1, socket_timeout=1
+                host=LOOPBACK,
+                port=self._port,
+                socket_connect_timeout=1,
+                socket_timeout=1,
+                retry=Retry(NoBackoff(), 0),
             )
             try:
                 # INFO rather than PING: it fails with LOADING until the AOF is
@@ -502,11 +514,11 @@ class SeaweedS3(_ManagedServer):
     """
 
     _display_name = "seaweedfs (weed mini)"
-    # A clean stop takes about a second, but now and then weed 4.x hangs in the
-    # volume server's graceful HTTP shutdown (last log line "graceful stop
-    # cluster http server ...") until killed.  Data is on disk by then (SIGKILL
-    # and restart lose nothing), so waiting long buys nothing.
-    _stop_grace_seconds = 5.0
+    # A clean stop takes 1-1.5 s, but often enough weed 4.x hangs in the volume
+    # server's graceful HTTP shutdown (last log line "graceful stop cluster
+    # http server ...") until killed.  Everything else has shut down by then
+    # and SIGKILL + restart loses nothing, so a long wait would buy nothing.
+    _stop_grace_seconds = 3.0
 
     def __init__(
         self,

@@ -66,6 +66,22 @@ def capacity(chunk: int) -> int:
     return part_offset(MAX_PARTS + 1, chunk)
 
 
+def whole_part_count(size: int, chunk: int) -> int:
+    """``len(list(whole_parts(size, chunk)))`` in O(tiers)."""
+    count = 0
+    offset = 0
+    tier = 0
+    while count < MAX_PARTS:
+        length = min(chunk << tier, MAX_PART_SIZE)
+        fit = min(PARTS_PER_TIER, (size - offset) // length)
+        count += fit
+        offset += fit * length
+        if fit < PARTS_PER_TIER:
+            return count
+        tier += 1
+    return count
+
+
 def whole_parts(size: int, chunk: int) -> Iterator[Span]:
     """Parts that lie entirely inside the first ``size`` bytes, in order.
 

@@ -66,7 +66,12 @@ class Watcher:
         self._new_id = new_stream_id
         self._clock = monotonic
         self._tick = tick_seconds
-        self._timing = Timing(deps.config.settle_seconds, deps.config.stream_timeout_seconds)
+        self._timing = Timing(
+            settle=deps.config.settle_seconds,
+            timeout=deps.config.stream_timeout_seconds,
+            chunk=deps.config.chunk_size_bytes,
+            coalesce=min(0.25, deps.config.settle_seconds / 2),
+        )
         # Per-process memory only; everything durable is in the projection.
         self._sig: dict[str, tuple[int, int, int]] = {}
         self._changed_at: dict[str, float] = {}

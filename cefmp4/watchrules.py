@@ -14,7 +14,8 @@ Rules, in order:
   object is never overwritten: changed content after completion is a new
   recording with a new key);
 * shrank or replaced (new inode) while live -> ``Truncated`` + ``Seen``;
-* grew or patched -> ``Grew`` (one per look: coalesced);
+* grew or patched -> ``Grew``, coalesced: at once when a new whole part
+  exists, otherwise when the file pauses;
 * quiet for ``settle`` and structurally complete, or quiet for ``timeout``
   whatever the content -> ``Idle`` (once per (size, mtime) per process).
 """
@@ -27,6 +28,7 @@ import msgspec
 
 from cefmp4.files import FileStat
 from cefmp4.mp4 import Mp4Status, Mp4Verdict
+from cefmp4.partplan import whole_part_count
 from projections.streams import StreamState
 
 
@@ -60,6 +62,11 @@ Action = Seen | Grew | Gone | Truncated | CheckMp4 | Idle
 class Timing(msgspec.Struct, frozen=True):
     settle: float
     timeout: float
+    # Coalescing of BytesAvailable while a file grows: report at once when a
+    # new whole part exists (the uploader has work), otherwise only once the
+    # file paused for `coalesce` seconds. chunk=0 reports every change.
+    chunk: int = 0
+    coalesce: float = 0.0
 
 
 def decide(
@@ -90,7 +97,12 @@ def decide(
     if current.inode != stream.inode or current.size < stream.size:
         return [Truncated(), Seen()]
     if (current.size, current.mtime_ns) != (stream.size, stream.mtime_ns):
-        return [Grew()]
+        if timing.chunk == 0 or quiet_for >= timing.coalesce:
+            return [Grew()]
+        new_part = whole_part_count(current.size, timing.chunk) > whole_part_count(
+            stream.size, timing.chunk
+        )
+        return [Grew()] if new_part else []
     if idle_sent == (current.size, current.mtime_ns):
         return []
     if quiet_for >= timing.timeout:

@@ -12,6 +12,7 @@ from cefmp4.partplan import (
     fits_single_put,
     part_offset,
     part_size,
+    whole_part_count,
     whole_parts,
 )
 
@@ -87,3 +88,8 @@ def test_small_files_go_up_in_one_put() -> None:
     assert not fits_single_put(chunk, chunk)
     assert final_parts(chunk, chunk) == list(whole_parts(chunk, chunk))
     assert final_parts(0, chunk) == []
+
+
+@given(chunk=chunks, size=st.integers(min_value=0, max_value=64 * 1024 * MiB))
+def test_whole_part_count_agrees_with_whole_parts(chunk: int, size: int) -> None:
+    assert whole_part_count(size, chunk) == len(list(whole_parts(size, chunk)))

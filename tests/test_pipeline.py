@@ -9,6 +9,8 @@ multipart upload is left open.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import signal
@@ -71,7 +73,6 @@ def assert_stored(
     sidecar = json.loads(stored[f"{state.key}.metadata.json"])
     assert sidecar["total_size_bytes"] == len(expected)
     assert sidecar["stream_id"] == state.stream_id
-    import hashlib
 
     assert sidecar["sha256"] == hashlib.sha256(expected).hexdigest()
     return dict(sidecar)
@@ -334,4 +335,45 @@ async def test_unknown_events_and_failures_do_not_stop_the_service(
         state = await h.terminal(dst)
         failed = [e for _, e in await h.events() if isinstance(e, StreamFailed)]
     assert not failed
+    assert_stored(s3_client, bucket, state, sources.regular.read_bytes())
+
+
+async def test_restart_adopts_upload_and_parts_the_log_lacks(
+    make_config: Any, watch: Path, s3_client: Any, bucket: str
+) -> None:
+    """Crash after CreateMultipartUpload and UploadPart, before their events:
+    the restart adopts the upload (no second one) and the part (MD5 = ETag)
+    instead of leaving an orphan or sending the bytes again."""
+    config = make_config()
+    dst = watch / "crashed.mp4"
+    content = os.urandom(11 * MiB)
+    dst.write_bytes(content)
+    async with log_only(config) as (h, service):
+        await service.start()
+        await service.watcher.run_once()
+        state = (await h.projection()).for_path(str(dst))
+        assert state is not None and state.upload_id is None
+        store = service.deps.store
+        upload_id = await store.create_multipart(state.key, "video/mp4")
+        part1 = content[: 5 * MiB]
+        digest = hashlib.md5(part1).digest()
+        await store.upload_part(state.key, upload_id, 1, part1, base64.b64encode(digest).decode())
+        uploader = next(c for c in service.consumers if c.group == "uploaders")
+        await uploader.run_once()
+        state = (await h.projection()).for_path(str(dst))
+        sent = service.metrics.parts.labels("growing")._value.get()
+    assert state is not None and state.upload_id == upload_id
+    assert sorted(state.parts) == [1, 2]
+    assert state.parts[1].etag == digest.hex()
+    assert sent == 1, "part 1 was sent again instead of adopted"
+    assert [u["UploadId"] for u in open_uploads(s3_client, bucket)] == [upload_id]
+
+
+async def test_polling_mode_for_network_mounts(
+    make_config: Any, watch: Path, sources: mp4gen.Mp4Sources, s3_client: Any, bucket: str
+) -> None:
+    async with running(make_config(watch_poll=True, poll_interval_seconds=0.2)) as h:
+        dst = watch / "polled.mp4"
+        await mp4gen.record_append(sources.regular, dst, chunk=128 * 1024, delay=0.01)
+        state = await h.terminal(dst)
     assert_stored(s3_client, bucket, state, sources.regular.read_bytes())

@@ -33,13 +33,16 @@ Shared rules, implemented once in ``_ManagedServer``:
   processes' own group makes them easy to find and end by hand.
 * Output goes to a log file in ``data_dir``, appended across restarts; startup
   failures raise ``RuntimeError`` carrying the tail of this run's log.
-* ``start()`` returns only once the server answers a real request (PING,
-  ListBuckets), not merely once a port is open.
+* ``start()`` returns only once the server answers a real request (Redis
+  INFO from our own pid, S3 ListBuckets with our credentials), not merely once
+  a port is open.  It refuses ports that already have a listener, so it cannot
+  mistake another server for its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import random
@@ -216,8 +219,22 @@ def _end_process_group(proc: subprocess.Popen[bytes], grace: float | None) -> No
     proc.wait()
 
 
-def _reap_forgotten(proc: subprocess.Popen[bytes], description: str) -> None:
-    """Finalizer for a server whose owner went away without stopping it."""
+def _remove_stray_sockets(patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        for name in glob.glob(pattern):
+            path = Path(name)
+            if path.is_socket():
+                path.unlink(missing_ok=True)
+
+
+def _reap_forgotten(
+    proc: subprocess.Popen[bytes], description: str, stray_sockets: tuple[str, ...]
+) -> None:
+    """Finalizer for a server whose owner went away without stopping it.
+
+    It gets plain data rather than the server object: a finalizer holding a
+    reference to its object would keep that object alive forever.
+    """
     if proc.poll() is None:
         warnings.warn(
             f"{description} was never stopped; terminating it",
@@ -225,6 +242,7 @@ def _reap_forgotten(proc: subprocess.Popen[bytes], description: str) -> None:
             stacklevel=1,
         )
     _end_process_group(proc, grace=5.0)
+    _remove_stray_sockets(stray_sockets)
 
 
 def _s3_probe(endpoint: S3Endpoint) -> Callable[[], str | None]:
@@ -280,8 +298,9 @@ class _ManagedServer:
         """Every TCP port the server will listen on."""
         raise NotImplementedError
 
-    def _after_exit(self) -> None:
-        """Clean up what the process leaves outside data_dir."""
+    def _stray_sockets(self) -> tuple[str, ...]:
+        """Glob patterns of unix sockets the process leaves outside data_dir."""
+        return ()
 
     # -- public lifecycle -----------------------------------------------------
 
@@ -334,9 +353,18 @@ class _ManagedServer:
             )
         self._proc = proc
         self._finalizer = weakref.finalize(
-            self, _reap_forgotten, proc, f"{self._display_name} (pid {proc.pid})"
+            self,
+            _reap_forgotten,
+            proc,
+            f"{self._display_name} (pid {proc.pid})",
+            self._stray_sockets(),
         )
-        self._wait_until_ready(proc, timeout)
+        try:
+            self._wait_until_ready(proc, timeout)
+        except BaseException:
+            # Ctrl-C or a failing probe: leave nothing half-started behind.
+            self._discard(grace=None)
+            raise
 
     def stop(self) -> None:
         """SIGTERM, wait, SIGKILL fallback.  Safe to call repeatedly."""
@@ -378,7 +406,7 @@ class _ManagedServer:
         if proc is None:
             return
         _end_process_group(proc, grace)
-        self._after_exit()
+        _remove_stray_sockets(self._stray_sockets())
 
     def _wait_until_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
         probe = self._readiness_probe()
@@ -387,7 +415,6 @@ class _ManagedServer:
         while True:
             code = proc.poll()
             if code is not None:
-                self._discard(grace=None)
                 raise RuntimeError(
                     f"{self._display_name} exited with code {code} during startup; "
                     f"log {self._log_path}:\n{self.log_tail()}"
@@ -396,8 +423,6 @@ class _ManagedServer:
             if problem is None:
                 return
             if time.monotonic() >= deadline:
-                # Leave nothing half-started behind the exception.
-                self._discard(grace=None)
                 raise RuntimeError(
                     f"{self._display_name} not ready after {timeout:g}s (last probe: {problem}); "
                     f"log {self._log_path}:\n{self.log_tail()}"
@@ -630,15 +655,15 @@ class SeaweedS3(_ManagedServer):
     def _readiness_probe(self) -> Callable[[], str | None]:
         return _s3_probe(self.endpoint)
 
-    def _after_exit(self) -> None:
+    def _stray_sockets(self) -> tuple[str, ...]:
         # weed creates a unix socket per listening port in the temp dir
         # (seaweedfs-<component>-<port>.sock); a clean stop leaves some behind
         # and a SIGKILL all of them.  The port in the name makes them ours.
-        for tmp in {Path("/tmp"), Path(tempfile.gettempdir())}:
-            for port in self._listen_ports():
-                for path in tmp.glob(f"seaweedfs-*-{port}.sock"):
-                    if path.is_socket():
-                        path.unlink(missing_ok=True)
+        return tuple(
+            str(Path(tmp) / f"seaweedfs-*-{port}.sock")
+            for tmp in sorted({"/tmp", tempfile.gettempdir()})
+            for port in self._listen_ports()
+        )
 
 
 class JuiceFSGateway(_ManagedServer):

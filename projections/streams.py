@@ -115,6 +115,8 @@ def fold(state: StreamState | None, event: Event) -> StreamState | None:
     replace = msgspec.structs.replace
     match event:
         case StreamCompleted():
+            if state.status == "completed":  # duplicate or racing finalizer: the first stands
+                return state
             return replace(
                 state,
                 status="completed",

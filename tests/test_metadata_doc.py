@@ -1,0 +1,320 @@
+"""The metadata sidecar: ``summarize`` (ffprobe JSON -> Probe) and ``sidecar``.
+
+The sidecar is the seed's deliverable next to every video, read by people and
+other programs, so its field names and its ``chunks`` list are pinned here.
+Both functions are pure; no ffprobe, Redis or S3 is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+
+from cefmp4.events import (
+    Event,
+    FileSeen,
+    PartUploaded,
+    StreamCompleted,
+    UploadStarted,
+)
+from consumers.metadata import Probe, sidecar, summarize
+from projections.streams import Part, StreamState, replay
+
+MiB = 1024 * 1024
+STARTED = datetime(2024, 5, 17, 13, 0, 0, tzinfo=UTC)
+DONE = datetime(2024, 5, 17, 13, 30, 0, 250000, tzinfo=UTC)
+NOW = datetime(2024, 5, 17, 13, 30, 5, tzinfo=UTC)
+
+# Trimmed from `ffprobe -v error -print_format json -show_format -show_streams`
+# on an OBS recording (H.264 + AAC); numbers are strings, as ffprobe writes them.
+FFPROBE_JSON = b"""{
+    "streams": [
+        {
+            "index": 0,
+            "codec_name": "h264",
+            "codec_long_name": "H.264 / AVC / MPEG-4 AVC / MPEG-4 part 10",
+            "profile": "High",
+            "codec_type": "video",
+            "codec_tag_string": "avc1",
+            "width": 1920,
+            "height": 1080,
+            "coded_width": 1920,
+            "coded_height": 1080,
+            "pix_fmt": "yuv420p",
+            "level": 42,
+            "r_frame_rate": "60/1",
+            "avg_frame_rate": "60/1",
+            "time_base": "1/15360",
+            "duration": "12.016667",
+            "bit_rate": "5987654",
+            "nb_frames": "721",
+            "disposition": {"default": 1, "dub": 0},
+            "tags": {"language": "und", "handler_name": "VideoHandler"}
+        },
+        {
+            "index": 1,
+            "codec_name": "aac",
+            "profile": "LC",
+            "codec_type": "audio",
+            "sample_fmt": "fltp",
+            "sample_rate": "48000",
+            "channels": 2,
+            "channel_layout": "stereo",
+            "bit_rate": "160000",
+            "duration": "12.010667"
+        }
+    ],
+    "format": {
+        "filename": "/w/cam1/2024-05-17 13-00-00.mp4",
+        "nb_streams": 2,
+        "nb_programs": 0,
+        "format_name": "mov,mp4,m4a,3gp,3g2,mj2",
+        "format_long_name": "QuickTime / MOV",
+        "start_time": "0.000000",
+        "duration": "12.016667",
+        "size": "9238457",
+        "bit_rate": "6150388",
+        "probe_score": 100,
+        "tags": {"major_brand": "isom", "encoder": "Lavf60.3.100"}
+    }
+}"""
+
+
+def test_summarize_real_ffprobe_output() -> None:
+    probe = summarize(FFPROBE_JSON)
+    assert probe.error is None
+    assert probe.duration_seconds == 12.016667
+    assert probe.container == {
+        "format_name": "mov,mp4,m4a,3gp,3g2,mj2",
+        "format_long_name": "QuickTime / MOV",
+        "bit_rate": 6150388,
+        "nb_streams": 2,
+    }
+    # Only the summary keys survive: tags, dispositions and file names (which
+    # can hold private paths) stay out of the public sidecar.
+    assert probe.streams == [
+        {
+            "index": 0,
+            "codec_type": "video",
+            "codec_name": "h264",
+            "profile": "High",
+            "width": 1920,
+            "height": 1080,
+            "pix_fmt": "yuv420p",
+            "avg_frame_rate": "60/1",
+            "bit_rate": "5987654",
+        },
+        {
+            "index": 1,
+            "codec_type": "audio",
+            "codec_name": "aac",
+            "profile": "LC",
+            "sample_rate": "48000",
+            "channels": 2,
+            "bit_rate": "160000",
+        },
+    ]
+
+
+def test_summarize_without_duration() -> None:
+    # ffprobe writes "N/A" or leaves the key out for a file it cannot time
+    # (e.g. no moov yet); the sidecar must still be written, with null.
+    for fmt in ('{"format_name": "mov,mp4,m4a,3gp,3g2,mj2"}', '{"duration": "N/A"}'):
+        probe = summarize(f'{{"streams": [], "format": {fmt}}}'.encode())
+        assert probe.duration_seconds is None
+        assert probe.error == "ffprobe reported no duration"
+        assert probe.streams == []
+    empty = summarize(b"{}")
+    assert empty.duration_seconds is None and empty.error is not None
+    assert empty.container is not None and empty.container["bit_rate"] is None
+
+
+def test_summarize_non_json() -> None:
+    probe = summarize(b"moov atom not found\n")
+    assert probe.duration_seconds is None
+    assert probe.container is None
+    assert probe.streams == []
+    assert probe.error is not None and probe.error.startswith("ffprobe output is not JSON")
+
+
+# --- sidecar ---
+
+SEED_FIELDS = {
+    "stream_id",
+    "original_file_path",
+    "s3_bucket",
+    "s3_key_prefix",
+    "total_size_bytes",
+    "duration_seconds",
+    "processed_at_utc",
+    "stream_started_at_utc",
+    "stream_completed_at_utc",
+    "chunks",
+}
+CHUNK_FIELDS = {"part_number", "size_bytes", "etag", "uploaded_at_utc"}
+SID = "20240517T130000000Z-9f1c2a4b7d3e"
+KEY = f"streams/{SID}/cam1/a.mp4"
+
+
+def state(parts: dict[int, Part] | None = None) -> StreamState:
+    return StreamState(
+        stream_id=SID,
+        path="/w/cam1/a.mp4",
+        rel_path="cam1/a.mp4",
+        bucket="video-streams",
+        key=KEY,
+        inode=7,
+        started_at=STARTED,
+        status="completed",
+        size=0,
+        upload_id=None if parts is None else "u1",
+        parts=parts or {},
+    )
+
+
+def completion(size: int, parts: int, etag: str = '"etag-final"') -> StreamCompleted:
+    return StreamCompleted(
+        stream_id=SID,
+        at=DONE,
+        bucket="video-streams",
+        key=KEY,
+        size=size,
+        etag=etag,
+        sha256="ab" * 32,
+        mtime_ns=123,
+        parts=parts,
+        mp4="complete",
+    )
+
+
+def part(number: int, etag: str, size: int = 5 * MiB) -> Part:
+    return Part(
+        number=number,
+        offset=(number - 1) * 5 * MiB,
+        size=size,
+        etag=etag,
+        md5="0" * 32,
+        uploaded_at=STARTED + timedelta(minutes=number),
+    )
+
+
+def test_sidecar_has_the_seed_fields_plus_sha256_and_mp4_complete() -> None:
+    doc = sidecar(state(), completion(1234, 0), summarize(FFPROBE_JSON), "streams/", NOW)
+    assert SEED_FIELDS | {"sha256", "mp4_complete"} <= set(doc)
+    assert doc["stream_id"] == SID
+    assert doc["original_file_path"] == "/w/cam1/a.mp4"
+    assert doc["s3_bucket"] == "video-streams"
+    assert doc["s3_key_prefix"] == f"streams/{SID}/"
+    assert KEY.startswith(doc["s3_key_prefix"])
+    assert doc["total_size_bytes"] == 1234
+    assert doc["duration_seconds"] == 12.016667
+    assert doc["sha256"] == "ab" * 32
+    assert doc["mp4_complete"] is True
+    # UTC, ISO 8601 with a Z, as the seed's sidecar had.
+    assert doc["processed_at_utc"] == "2024-05-17T13:30:05Z"
+    assert doc["stream_started_at_utc"] == "2024-05-17T13:00:00Z"
+    assert doc["stream_completed_at_utc"] == "2024-05-17T13:30:00.250000Z"
+    # The document goes out as JSON: everything in it must be plain JSON.
+    assert json.loads(json.dumps(doc)) == doc
+
+
+def test_sidecar_mp4_complete_false_for_other_verdicts() -> None:
+    done = msgspec.structs.replace(completion(10, 0), mp4="fragmented", mp4_reason="moof")
+    doc = sidecar(state(), done, Probe(None, None, [], "x"), "streams/", NOW)
+    assert doc["mp4_complete"] is False
+    assert doc["duration_seconds"] is None
+
+
+def test_single_put_is_one_chunk_of_the_whole_size() -> None:
+    # parts == 0: one PutObject; the seed's chunks list still has one entry.
+    doc = sidecar(state(), completion(4321, 0, '"single"'), summarize(b"{}"), "streams/", NOW)
+    assert doc["chunks"] == [
+        {
+            "part_number": 1,
+            "size_bytes": 4321,
+            "etag": '"single"',
+            "uploaded_at_utc": "2024-05-17T13:30:00.250000Z",
+        }
+    ]
+
+
+def test_multipart_chunks_are_the_completed_parts_in_order() -> None:
+    parts = {3: part(3, "c", 7), 1: part(1, "a"), 2: part(2, "b")}
+    doc = sidecar(state(parts), completion(10 * MiB + 7, 3), summarize(b"{}"), "streams/", NOW)
+    assert [set(c) for c in doc["chunks"]] == [CHUNK_FIELDS] * 3
+    assert [(c["part_number"], c["etag"], c["size_bytes"]) for c in doc["chunks"]] == [
+        (1, "a", 5 * MiB),
+        (2, "b", 5 * MiB),
+        (3, "c", 7),
+    ]
+    assert sum(c["size_bytes"] for c in doc["chunks"]) == doc["total_size_bytes"]
+    assert doc["chunks"][0]["uploaded_at_utc"] == "2024-05-17T13:01:00Z"
+
+
+def test_parts_beyond_the_completion_are_not_listed() -> None:
+    # Parts 3 and 4 are in the state (e.g. sent under a plan the completion did
+    # not use); the object has only parts 1-2, so only those are described.
+    parts = {n: part(n, f"e{n}") for n in (1, 2, 3, 4)}
+    doc = sidecar(state(parts), completion(10 * MiB, 2), summarize(b"{}"), "streams/", NOW)
+    assert [c["part_number"] for c in doc["chunks"]] == [1, 2]
+
+
+def test_replaced_upload_parts_are_not_listed() -> None:
+    # The first upload (u1) got to part 3, was lost (lifecycle abort), and the
+    # finalizer completed a second upload (u2) with 2 parts. Late u1 parts must
+    # not appear next to u2's: the sidecar describes the object that exists.
+    t = STARTED
+    log: list[Event] = [
+        FileSeen(
+            stream_id=SID,
+            at=t,
+            path="/w/cam1/a.mp4",
+            rel_path="cam1/a.mp4",
+            bucket="video-streams",
+            key=KEY,
+            size=0,
+            mtime_ns=0,
+            inode=7,
+        ),
+        UploadStarted(stream_id=SID, at=t, upload_id="u1"),
+        *(
+            PartUploaded(
+                stream_id=SID,
+                at=t,
+                upload_id="u1",
+                part_number=n,
+                offset=(n - 1) * 5 * MiB,
+                size=5 * MiB,
+                etag=f"old{n}",
+                md5="0" * 32,
+            )
+            for n in (1, 2, 3)
+        ),
+        UploadStarted(stream_id=SID, at=t, upload_id="u2"),
+        *(
+            PartUploaded(
+                stream_id=SID,
+                at=t,
+                upload_id=upload_id,
+                part_number=n,
+                offset=(n - 1) * 5 * MiB,
+                size=5 * MiB if n == 1 else 100,
+                etag=etag,
+                md5="0" * 32,
+            )
+            for upload_id, n, etag in (
+                ("u2", 1, "new1"),
+                ("u1", 3, "late3"),
+                ("u2", 2, "new2"),
+                ("u1", 2, "late2"),  # same number as a u2 part: must not replace it
+            )
+        ),
+    ]
+    done = completion(5 * MiB + 100, 2)
+    log.append(done)
+    s = replay([(f"{i}-0", e) for i, e in enumerate(log, start=1)]).streams[SID]
+    doc = sidecar(s, done, summarize(b"{}"), "streams/", NOW)
+    assert [(c["part_number"], c["etag"]) for c in doc["chunks"]] == [(1, "new1"), (2, "new2")]
+    assert sum(c["size_bytes"] for c in doc["chunks"]) == doc["total_size_bytes"]

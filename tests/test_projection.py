@@ -1,0 +1,401 @@
+"""Properties of the stream projection (``projections.streams``).
+
+The log is delivered at least once, by several writers, in an order no single
+writer controls, and a process may start from a snapshot instead of from the
+first entry. So the projection is tested on arbitrary event sequences over a
+handful of stream ids, paths and upload ids: duplicates, events out of order,
+late events after a stream ended, and events for streams nobody announced are
+all generated on purpose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cefmp4.events import (
+    BytesAvailable,
+    Event,
+    FileDeleted,
+    FileSeen,
+    FileTruncated,
+    MetadataWritten,
+    PartUploaded,
+    StreamCompleted,
+    StreamFailed,
+    StreamIdle,
+    UploadStarted,
+)
+from projections.streams import Projection, StreamState, fold, replay
+
+PROPERTY = settings(max_examples=150, deadline=None)
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+# Few values on purpose: collisions (same stream, same path, same upload id)
+# are where the interesting interleavings are.
+stream_ids = st.sampled_from(["s1", "s2", "s3"])
+paths = st.sampled_from(["/w/a.mp4", "/w/b.mp4"])
+upload_ids = st.sampled_from(["u1", "u2", "u3"])
+small = st.integers(min_value=0, max_value=50)
+times = st.integers(min_value=0, max_value=10_000).map(lambda s: T0 + timedelta(seconds=s))
+short = st.sampled_from(["", "x", "y"])
+mp4_states = st.sampled_from(["complete", "incomplete", "fragmented", "invalid"])
+
+common = {"stream_id": stream_ids, "at": times}
+file_seen = st.builds(
+    FileSeen,
+    **common,
+    path=paths,
+    rel_path=short,
+    bucket=short,
+    key=short,
+    size=small,
+    mtime_ns=small,
+    inode=st.integers(1, 3),
+)
+events: st.SearchStrategy[Event] = st.one_of(
+    file_seen,
+    st.builds(BytesAvailable, **common, size=small, mtime_ns=small),
+    st.builds(UploadStarted, **common, upload_id=upload_ids),
+    st.builds(
+        PartUploaded,
+        **common,
+        upload_id=upload_ids,
+        part_number=st.integers(1, 4),
+        offset=small,
+        size=small,
+        etag=short,
+        md5=short,
+    ),
+    st.builds(
+        StreamIdle,
+        **common,
+        size=small,
+        mtime_ns=small,
+        reason=st.sampled_from(["settled", "timeout"]),
+        mp4=mp4_states,
+        mp4_reason=short,
+    ),
+    st.builds(
+        StreamCompleted,
+        **common,
+        bucket=short,
+        key=short,
+        size=small,
+        etag=short,
+        sha256=short,
+        mtime_ns=small,
+        parts=st.integers(0, 4),
+        mp4=mp4_states,
+        mp4_reason=short,
+    ),
+    st.builds(
+        MetadataWritten,
+        **common,
+        key=short,
+        duration_seconds=st.none() | st.floats(0, 100),
+        error=st.none() | short,
+    ),
+    st.builds(StreamFailed, **common, reason=short, detail=short),
+    st.builds(FileDeleted, **common, path=paths),
+    st.builds(FileTruncated, **common, path=paths, size=small),
+)
+# FileSeen is over-represented so that most sequences have live streams for the
+# other events to act on; without it most events would hit unknown streams.
+# A list of batches, flattened: a plain st.lists averages a handful of events,
+# too few for e.g. two terminal events of one stream to meet, while this still
+# shrinks well (a fixed drawn length does not, and takes minutes to shrink).
+logs = st.lists(st.lists(st.one_of(file_seen, events), min_size=1, max_size=12), max_size=8).map(
+    lambda batches: [e for batch in batches for e in batch]
+)
+
+
+def entries(log: list[Event]) -> list[tuple[str, Event]]:
+    return [(f"{i + 1}-0", e) for i, e in enumerate(log)]
+
+
+def snapshot(projection: Projection) -> Projection:
+    """What a process that persisted the projection and restarted would hold."""
+    return msgspec.msgpack.decode(msgspec.msgpack.encode(projection), type=Projection)
+
+
+def history(log: Iterable[Event], stream_id: str) -> list[tuple[Event, StreamState | None]]:
+    """Each event of ``stream_id`` paired with the stream's state after it."""
+    state: StreamState | None = None
+    out: list[tuple[Event, StreamState | None]] = []
+    for event in log:
+        if event.stream_id == stream_id:
+            state = fold(state, event)
+            out.append((event, state))
+    return out
+
+
+# (a) snapshot + tail == full replay
+
+
+@PROPERTY
+@given(log=logs, cuts=st.sets(st.integers(0, 100)))
+def test_snapshot_plus_tail_equals_full_replay(log: list[Event], cuts: set[int]) -> None:
+    # A follower that snapshots its projection at arbitrary points and resumes
+    # from the snapshot must end where a replay from the first entry ends;
+    # otherwise a restart silently changes what the service believes.
+    full = replay(entries(log))
+    live = Projection()
+    for i, (entry_id, event) in enumerate(entries(log)):
+        if i in cuts:
+            restored = snapshot(live)
+            assert restored == live
+            live = restored
+        live.apply(entry_id, event)
+    if len(log) in cuts:
+        live = snapshot(live)
+    assert live == full
+    assert live.events == len(log)
+    assert live.last_id == (f"{len(log)}-0" if log else "0-0")
+
+
+@PROPERTY
+@given(log=logs)
+def test_snapshot_round_trip_keeps_types(log: list[Event]) -> None:
+    # == on the Projection would accept a part table that came back keyed by
+    # str, or naive datetimes equal by accident; check the shapes explicitly.
+    restored = snapshot(replay(entries(log)))
+    for state in restored.streams.values():
+        assert all(type(n) is int and n == p.number for n, p in state.parts.items())
+        assert state.started_at.tzinfo is not None
+        assert all(p.uploaded_at.tzinfo is not None for p in state.parts.values())
+
+
+# (b) fold is deterministic, total and pure
+
+
+@PROPERTY
+@given(log=logs, event=events)
+def test_fold_is_deterministic_and_does_not_mutate(log: list[Event], event: Event) -> None:
+    projection = replay(entries(log))
+    states: list[StreamState | None] = [None, *projection.streams.values()]
+    for state in states:
+        before = snapshot(projection)
+        first = fold(state, event)
+        second = fold(state, event)
+        assert first == second
+        # States handed out earlier (snapshots, concurrent readers) stay valid:
+        # fold never changes its input in place.
+        assert snapshot(projection) == before
+        if state is None:
+            assert (first is None) != isinstance(event, FileSeen)
+        else:
+            assert first is not None  # a known stream never disappears
+
+
+# (c) completion is final
+
+
+@PROPERTY
+@given(log=logs)
+def test_completion_never_changes_once_completed(log: list[Event]) -> None:
+    for stream_id in ("s1", "s2", "s3"):
+        completion = None
+        for event, state in history(log, stream_id):
+            if completion is not None:
+                # An object exists in S3 with this size/ETag/SHA-256; the
+                # sidecar already describes it. No later fact (a failure from a
+                # supervisor, a duplicate or racing completion, late bytes)
+                # may change what the projection says about it.
+                assert state is not None
+                assert state.status == "completed", event
+                assert state.completion == completion, event
+            elif state is not None and state.status == "completed":
+                completion = state.completion
+                assert isinstance(event, StreamCompleted)
+                assert completion is not None
+
+
+def test_stream_failed_does_not_override_completed() -> None:
+    state = fold(None, seen("s1", "/w/a.mp4"))
+    done = fold(state, completed("s1", etag="e1"))
+    after = fold(done, StreamFailed(stream_id="s1", at=T0, reason="s3_denied"))
+    assert after is not None and after == done
+    assert after.status == "completed" and after.failure_reason is None
+
+
+def test_second_completion_does_not_replace_the_first() -> None:
+    # Two replicas may both finalize one stream (each watcher reports idle);
+    # the first completion recorded is the one the sidecar was written for.
+    state = fold(fold(None, seen("s1", "/w/a.mp4")), completed("s1", etag="e1"))
+    again = fold(state, completed("s1", etag="e2"))
+    assert again is not None and again.completion is not None
+    assert again.completion.etag == "e1"
+
+
+def test_completed_after_failed_records_the_object() -> None:
+    # The opposite order is allowed on purpose: a completion proves an object
+    # exists, which is the more important fact.
+    state = fold(
+        fold(None, seen("s1", "/w/a.mp4")), StreamFailed(stream_id="s1", at=T0, reason="x")
+    )
+    assert state is not None and state.status == "failed"
+    done = fold(state, completed("s1", etag="e1"))
+    assert done is not None and done.status == "completed"
+
+
+# (d) parts belong to the current upload
+
+
+@PROPERTY
+@given(log=logs)
+def test_parts_only_come_from_the_current_upload(log: list[Event]) -> None:
+    for stream_id in ("s1", "s2", "s3"):
+        sent: list[PartUploaded] = []
+        previous: StreamState | None = None
+        for event, state in history(log, stream_id):
+            if isinstance(event, PartUploaded):
+                sent.append(event)
+            if state is None:
+                continue
+            for number, part in state.parts.items():
+                assert number == part.number
+                # Some PartUploaded of *this* upload id carried exactly this part.
+                assert any(
+                    e.upload_id == state.upload_id
+                    and (e.part_number, e.offset, e.size, e.etag, e.md5, e.at)
+                    == (part.number, part.offset, part.size, part.etag, part.md5, part.uploaded_at)
+                    for e in sent
+                ), (part, state.upload_id)
+            if (
+                isinstance(event, UploadStarted)
+                and previous is not None
+                and not previous.terminal
+                and event.upload_id != previous.upload_id
+            ):
+                # A new upload replaces the old one: its parts are void.
+                assert state.upload_id == event.upload_id
+                assert state.parts == {}
+            previous = state
+
+
+def test_upload_replacement_voids_old_parts() -> None:
+    log: list[Event] = [
+        seen("s1", "/w/a.mp4"),
+        UploadStarted(stream_id="s1", at=T0, upload_id="u1"),
+        part("s1", "u1", 1, "old-1"),
+        part("s1", "u1", 2, "old-2"),
+        UploadStarted(stream_id="s1", at=T0, upload_id="u1"),  # duplicate: keeps parts
+    ]
+    state = replay(entries(log)).streams["s1"]
+    assert sorted(state.parts) == [1, 2]
+    log += [
+        UploadStarted(stream_id="s1", at=T0, upload_id="u2"),
+        part("s1", "u1", 3, "late-old-3"),  # late part of the replaced upload
+        part("s1", "u2", 1, "new-1"),
+    ]
+    state = replay(entries(log)).streams["s1"]
+    assert state.upload_id == "u2"
+    assert {n: p.etag for n, p in state.parts.items()} == {1: "new-1"}
+
+
+# (e) FileSeen: first fact stands; by_path follows the newest stream
+
+
+@PROPERTY
+@given(log=logs)
+def test_duplicate_file_seen_does_not_reset_a_stream(log: list[Event]) -> None:
+    for stream_id in ("s1", "s2", "s3"):
+        previous: StreamState | None = None
+        for event, state in history(log, stream_id):
+            if isinstance(event, FileSeen) and previous is not None:
+                # Redelivery (or a second writer) must not wipe upload id,
+                # parts, status or size that later facts established.
+                assert state is previous
+
+
+@PROPERTY
+@given(log=logs)
+def test_by_path_points_at_newest_stream_created_for_the_path(log: list[Event]) -> None:
+    expected: dict[str, str] = {}
+    created: set[str] = set()
+    for event in log:
+        if isinstance(event, FileSeen) and event.stream_id not in created:
+            created.add(event.stream_id)
+            expected[event.path] = event.stream_id
+    projection = replay(entries(log))
+    assert projection.by_path == expected
+    for path, stream_id in expected.items():
+        found = projection.for_path(path)
+        assert found is not None and found.stream_id == stream_id and found.path == path
+    assert set(projection.streams) == created
+
+
+def test_events_for_unknown_streams_are_ignored() -> None:
+    # Late or foreign events (e.g. the FileSeen was trimmed from the stream) must
+    # not invent a half-initialised stream.
+    log: list[Event] = [
+        BytesAvailable(stream_id="ghost", at=T0, size=5, mtime_ns=1),
+        UploadStarted(stream_id="ghost", at=T0, upload_id="u1"),
+        completed("ghost", etag="e"),
+    ]
+    projection = replay(entries(log))
+    assert projection.streams == {} and projection.by_path == {}
+    assert projection.events == 3 and projection.last_id == "3-0"
+
+
+def test_new_recording_at_same_path_takes_over_by_path() -> None:
+    log: list[Event] = [
+        seen("s1", "/w/a.mp4"),
+        completed("s1", etag="e1"),
+        seen("s2", "/w/a.mp4"),
+        seen("s1", "/w/a.mp4"),  # late duplicate of the old stream's FileSeen
+    ]
+    projection = replay(entries(log))
+    assert projection.by_path == {"/w/a.mp4": "s2"}
+    assert [s.stream_id for s in projection.live()] == ["s2"]
+
+
+# helpers
+
+
+def seen(stream_id: str, path: str) -> FileSeen:
+    return FileSeen(
+        stream_id=stream_id,
+        at=T0,
+        path=path,
+        rel_path=path.rsplit("/", 1)[-1],
+        bucket="b",
+        key=f"k/{stream_id}",
+        size=0,
+        mtime_ns=0,
+        inode=1,
+    )
+
+
+def part(stream_id: str, upload_id: str, number: int, etag: str) -> PartUploaded:
+    return PartUploaded(
+        stream_id=stream_id,
+        at=T0,
+        upload_id=upload_id,
+        part_number=number,
+        offset=(number - 1) * 10,
+        size=10,
+        etag=etag,
+        md5="m",
+    )
+
+
+def completed(stream_id: str, *, etag: str) -> StreamCompleted:
+    return StreamCompleted(
+        stream_id=stream_id,
+        at=T0,
+        bucket="b",
+        key=f"k/{stream_id}",
+        size=10,
+        etag=etag,
+        sha256="h",
+        mtime_ns=1,
+        parts=0,
+        mp4="complete",
+    )

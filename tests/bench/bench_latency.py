@@ -1,0 +1,333 @@
+"""Latency: recorder's final close -> the ``<key>.metadata.json`` sidecar visible in S3.
+
+Setup (under a temp dir, removed afterwards unless ``--keep``): a private
+``redis-server`` and, by default, SeaweedFS ``weed mini`` (``--s3 juicefs`` for
+the JuiceFS gateway). SeaweedFS is the default because it keeps real S3 rules
+(5 MiB minimum part size, AWS-like errors), so the measured path is the one a
+production store takes; it is slower than JuiceFS, which makes the figure
+conservative.
+
+A real H.264/AAC MP4 of about ``--size-mib`` is encoded once with ffmpeg. The
+service runs as a subprocess (``python -m cefmp4 run``, so recorder and
+service do not share an event loop or a GIL). Each run, the bench writes the
+recording into the watch dir with ``record_mdat_patch`` (OBS/NVR style: mdat
+size 0 while writing, patched in place at the end) at ``--rate-mib`` MiB/s,
+and measures from the moment ``record_mdat_patch`` returns (the final close)
+until HEAD on the sidecar key succeeds, polling every ``--poll-ms`` ms. The
+breakdown comes from the service's own event timestamps; the sidecar is read
+back and checked (size, SHA-256, mp4_complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import redis
+from botocore.exceptions import ClientError
+
+from cefmp4.events import (
+    Event,
+    FileSeen,
+    MetadataWritten,
+    PartUploaded,
+    StreamCompleted,
+    StreamFailed,
+    StreamIdle,
+)
+from cefmp4.localservers import JuiceFSGateway, RedisServer, S3Endpoint, SeaweedS3, make_s3_client
+from tests.bench.common import (
+    BenchError,
+    MiB,
+    ServiceProcess,
+    command_line,
+    machine,
+    now_iso,
+    of_stream,
+    percentile,
+    read_events,
+    ts,
+    wait_for,
+    write_json,
+)
+from tests.harness import service_config
+from tests.mp4gen import make_mp4, record_mdat_patch
+
+BUCKET = "bench"
+_SOURCE_SECONDS = 4.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tests.bench.bench_latency", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--runs", type=int, default=5, help="recordings to measure (5)")
+    p.add_argument("--size-mib", type=float, default=50.0, help="recording size, MiB (50)")
+    p.add_argument("--rate-mib", type=float, default=40.0, help="recorder write rate MiB/s (40)")
+    p.add_argument("--write-kib", type=int, default=1024, help="recorder write size, KiB (1024)")
+    p.add_argument("--settle", type=float, default=1.0, help="SETTLE_SECONDS (1)")
+    p.add_argument("--chunk-mib", type=int, default=10, help="CHUNK_SIZE_BYTES in MiB (10)")
+    p.add_argument("--part-concurrency", type=int, default=4, help="PART_CONCURRENCY (4)")
+    p.add_argument("--s3", choices=("seaweedfs", "juicefs"), default="seaweedfs")
+    p.add_argument("--poll-ms", type=float, default=20.0, help="HEAD poll interval (20 ms)")
+    p.add_argument("--run-timeout", type=float, default=30.0, help="give up on a run after (s)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
+    args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    if args.chunk_mib < 5:
+        p.error("--chunk-mib must be at least 5 (S3's minimum part size)")
+    return args
+
+
+def make_source(dst: Path, size_mib: float) -> Path:
+    """A real MP4 of roughly ``size_mib`` (x264's rate control lands low: aim once more)."""
+    make_mp4(dst, seconds=_SOURCE_SECONDS, size_hint_mb=size_mib)
+    got = dst.stat().st_size / MiB
+    if got < 0.95 * size_mib:
+        make_mp4(dst, seconds=_SOURCE_SECONDS, size_hint_mb=size_mib * size_mib / got)
+    return dst
+
+
+def _head_ok(s3: Any, key: str) -> bool:
+    try:
+        s3.head_object(Bucket=BUCKET, Key=key)
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 404:
+            return False
+        raise
+    return True
+
+
+class _Context(NamedTuple):
+    source: Path
+    source_sha256: str
+    watch: Path
+    client: redis.Redis
+    events_key: str
+    s3: Any
+
+
+def _one_run(args: argparse.Namespace, index: int, ctx: _Context) -> dict[str, Any]:
+    source, watch, client, events_key, s3 = (
+        ctx.source,
+        ctx.watch,
+        ctx.client,
+        ctx.events_key,
+        ctx.s3,
+    )
+    name = f"rec-{index:02d}.mp4"
+    dst = watch / name
+    write = args.write_kib * 1024
+    delay = write / (args.rate_mib * MiB)
+    t_start = time.time()
+    asyncio.run(record_mdat_patch(source, dst, chunk=write, delay=delay))
+    t_close = time.time()
+    size = dst.stat().st_size
+
+    def seen() -> FileSeen | None:
+        return next(
+            (
+                e
+                for e in read_events(client, events_key)
+                if isinstance(e, FileSeen) and e.rel_path == name
+            ),
+            None,
+        )
+
+    first, _ = wait_for(seen, timeout=10, poll=0.02, what=f"FileSeen of {name}")
+    sidecar_key = f"{first.key}.metadata.json"
+    _, t_visible = wait_for(
+        lambda: True if _head_ok(s3, sidecar_key) else None,
+        timeout=args.run_timeout,
+        poll=args.poll_ms / 1000,
+        what=f"sidecar {sidecar_key}",
+    )
+
+    def finished() -> list[Event] | None:
+        mine = of_stream(read_events(client, events_key), first.stream_id)
+        done = any(isinstance(e, MetadataWritten | StreamFailed) for e in mine)
+        return mine if done else None
+
+    mine, _ = wait_for(finished, timeout=10, poll=0.02, what="MetadataWritten")
+    failed = [e for e in mine if isinstance(e, StreamFailed)]
+    if failed:
+        raise BenchError(f"{name}: stream failed: {failed[0]!r}")
+    idle = [e for e in mine if isinstance(e, StreamIdle)][-1]
+    completed = next(e for e in mine if isinstance(e, StreamCompleted))
+    meta = next(e for e in mine if isinstance(e, MetadataWritten))
+    parts = [e for e in mine if isinstance(e, PartUploaded)]
+    after_close = [e for e in parts if ts(e.at) >= t_close]
+    before_close = {e.part_number for e in parts if ts(e.at) < t_close}
+    doc = json.loads(s3.get_object(Bucket=BUCKET, Key=sidecar_key)["Body"].read())
+    checks = {
+        "size_ok": doc.get("total_size_bytes") == size,
+        "sha256_ok": doc.get("sha256") == ctx.source_sha256,
+        "mp4_complete": doc.get("mp4_complete") is True,
+    }
+    return {
+        "file": name,
+        "size_bytes": size,
+        "write_mib_per_s": round(size / MiB / (t_close - t_start), 1),
+        "close_to_sidecar_visible_s": round(t_visible - t_close, 3),
+        "close_to_idle_event_s": round(ts(idle.at) - t_close, 3),
+        "idle_to_completed_s": round(ts(completed.at) - ts(idle.at), 3),
+        "completed_to_sidecar_visible_s": round(t_visible - ts(completed.at), 3),
+        "metadata_event_after_visible_s": round(ts(meta.at) - t_visible, 3),
+        "idle_reason": idle.reason,
+        "parts": completed.parts,
+        "parts_sent_after_close": len(after_close),
+        # Sent before the close and again after it: bytes the recorder patched.
+        "parts_resent_after_close": sorted(
+            e.part_number for e in after_close if e.part_number in before_close
+        ),
+        "duration_seconds": doc.get("duration_seconds"),
+        "checks": checks,
+        "ok": all(checks.values()),
+    }
+
+
+def _server(args: argparse.Namespace, tmp: Path) -> JuiceFSGateway | SeaweedS3:
+    if args.s3 == "juicefs":
+        return JuiceFSGateway(tmp / "juicefs")
+    return SeaweedS3(tmp / "seaweedfs")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        tmp = Path(tempfile.mkdtemp(prefix="cefmp4-bench-latency-")).resolve()
+        if not args.keep:
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        load_before = os.getloadavg()[0]
+        rds = stack.enter_context(RedisServer(tmp / "redis"))
+        server = _server(args, tmp)
+        stack.enter_context(server)
+        endpoint: S3Endpoint = server.endpoint
+        s3 = make_s3_client(endpoint)
+        s3.create_bucket(Bucket=BUCKET)
+        (tmp / "src").mkdir()
+        source = make_source(tmp / "src" / "source.mp4", args.size_mib)
+        source_sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
+        watch = tmp / "watch"
+        watch.mkdir()
+        config = service_config(
+            watch,
+            rds.url,
+            "bench",
+            BUCKET,
+            endpoint,
+            chunk_size_bytes=args.chunk_mib * MiB,
+            part_concurrency=args.part_concurrency,
+            settle_seconds=args.settle,
+            stream_timeout_seconds=30.0,
+            rescan_interval_seconds=10.0,
+            claim_idle_seconds=60.0,
+            s3_timeout_seconds=30.0,
+            shutdown_grace_seconds=10.0,
+            prom_port=0,
+        )
+        client = redis.Redis.from_url(rds.url)
+        stack.callback(client.close)
+        service = ServiceProcess(config, tmp / "service.log", tmp / "service-cwd")
+        runs: list[dict[str, Any]] = []
+        ctx = _Context(source, source_sha256, watch, client, config.events_key, s3)
+        with service:
+            for index in range(args.runs):
+                try:
+                    runs.append(_one_run(args, index, ctx))
+                except BenchError as exc:
+                    raise BenchError(f"{exc}\nservice log tail:\n{service.tail()}") from None
+                time.sleep(0.5)  # let the finished stream's last events settle
+        latencies = [r["close_to_sidecar_visible_s"] for r in runs]
+
+        def median(key: str) -> float:
+            return round(percentile([float(r[key]) for r in runs], 50), 3)
+
+        return {
+            "ok": all(r["ok"] for r in runs) and service.returncode == 0,
+            "server": args.s3,
+            "settings": {
+                "runs": args.runs,
+                "size_mib": round(source.stat().st_size / MiB, 1),
+                "recorder": "record_mdat_patch",
+                "rate_mib_per_s": args.rate_mib,
+                "write_kib": args.write_kib,
+                "SETTLE_SECONDS": args.settle,
+                "STREAM_TIMEOUT_SECONDS": 30.0,
+                "CHUNK_SIZE_BYTES": args.chunk_mib * MiB,
+                "PART_CONCURRENCY": args.part_concurrency,
+                "poll_ms": args.poll_ms,
+            },
+            "load_average_1m_before": round(load_before, 2),
+            "p50_s": round(percentile(latencies, 50), 3),
+            "max_s": round(max(latencies), 3),
+            "min_s": round(min(latencies), 3),
+            "median_breakdown_s": {
+                "close_to_idle_event": median("close_to_idle_event_s"),
+                "idle_to_completed": median("idle_to_completed_s"),
+                "completed_to_sidecar_visible": median("completed_to_sidecar_visible_s"),
+            },
+            "runs": runs,
+            "service_exit_code": service.returncode,
+            "temp_dir": str(tmp) if args.keep else None,
+        }
+    raise AssertionError("unreachable")
+
+
+def report(r: dict[str, Any]) -> str:
+    s, b = r["settings"], r["median_breakdown_s"]
+    lines = [
+        f"Latency: final close -> sidecar visible ({s['runs']} runs, {s['size_mib']} MiB real MP4 "
+        f"written by {s['recorder']} at {s['rate_mib_per_s']} MiB/s, S3 = {r['server']}); "
+        f"load average before {r['load_average_1m_before']}",
+        f"  settings: SETTLE_SECONDS={s['SETTLE_SECONDS']} CHUNK_SIZE_BYTES={s['CHUNK_SIZE_BYTES']}"
+        f" PART_CONCURRENCY={s['PART_CONCURRENCY']}, HEAD poll every {s['poll_ms']:g} ms",
+        f"  p50 {r['p50_s']:.3f} s   max {r['max_s']:.3f} s   min {r['min_s']:.3f} s",
+        f"  median breakdown: close->StreamIdle {b['close_to_idle_event']:.3f} s (settle + "
+        f"detection), StreamIdle->StreamCompleted {b['idle_to_completed']:.3f} s (finalize), "
+        f"StreamCompleted->sidecar visible {b['completed_to_sidecar_visible']:.3f} s "
+        "(ffprobe + PutObject + poll)",
+    ]
+    for run in r["runs"]:
+        lines.append(
+            f"    {run['file']}: {run['close_to_sidecar_visible_s']:.3f} s "
+            f"(idle {run['close_to_idle_event_s']:.3f} + finalize {run['idle_to_completed_s']:.3f}"
+            f" + sidecar {run['completed_to_sidecar_visible_s']:.3f}; written at "
+            f"{run['write_mib_per_s']} MiB/s; {run['parts_sent_after_close']} parts sent after "
+            f"close, of them resent {run['parts_resent_after_close']}; checks {run['checks']})"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except BenchError as exc:
+        print(f"latency bench failed: {exc}", file=sys.stderr)
+        return 1
+    payload = {
+        "command": command_line(),
+        "finished_at": now_iso(),
+        "machine": machine(),
+        "benches": {"latency": result},
+    }
+    print(f"command: {payload['command']}")
+    print(report(result))
+    print(f"JSON: {write_json('latency.json', payload)}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Run the CefMP4 benchmarks and print a summary table.
+
+    .venv/bin/python -m tests.bench.run                        # both, defaults
+    .venv/bin/python -m tests.bench.run --only latency
+    .venv/bin/python -m tests.bench.run --throughput="--size-mib 256 --chunk-mib 16" \\
+        --latency="--runs 3 --s3 juicefs"
+
+Options inside ``--throughput`` / ``--latency`` are those of
+``python -m tests.bench.bench_throughput --help`` / ``bench_latency --help``.
+Each bench starts its own throwaway Redis and S3 server under a temp dir and
+takes well under three minutes on 2 cores. The JSON of everything goes to
+``.cefmp4/bench/results.json`` (relative to the repo root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tests.bench import bench_latency, bench_throughput
+from tests.bench.common import BenchError, command_line, machine, now_iso, write_json
+
+Bench = tuple[
+    Callable[[list[str] | None], argparse.Namespace],
+    Callable[[argparse.Namespace], dict[str, Any]],
+    Callable[[dict[str, Any]], str],
+]
+BENCHES: dict[str, Bench] = {
+    "throughput": (bench_throughput.parse_args, bench_throughput.run, bench_throughput.report),
+    "latency": (bench_latency.parse_args, bench_latency.run, bench_latency.report),
+}
+
+
+def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(figure, value, what it means) rows."""
+    rows: list[tuple[str, str, str]] = []
+    tp = results.get("throughput")
+    if tp is not None and "error" not in tp:
+        svc, aws, st = tp["service"], tp["aws_cli"], tp["settings"]
+        rows += [
+            (
+                "throughput: service (busy)",
+                f"{svc['busy_mib_per_s']:.1f} MiB/s",
+                f"{st['size_mib']} MiB / (StreamCompleted - FileSeen - idle wait "
+                f"{svc['idle_wait_seconds']:.2f} s)",
+            ),
+            (
+                "throughput: service (end-to-end)",
+                f"{svc['end_to_end_mib_per_s']:.1f} MiB/s",
+                f"{svc['end_to_end_seconds']:.2f} s FileSeen -> StreamCompleted incl. idle wait",
+            ),
+        ]
+        if aws is not None:
+            rows += [
+                (
+                    "throughput: aws s3 cp",
+                    f"{aws['mib_per_s']:.1f} MiB/s",
+                    f"{aws['wall_seconds']:.2f} s wall incl. CLI start-up, "
+                    f"{aws['chunk_mib']} MiB x {aws['max_concurrent_requests']}",
+                ),
+                (
+                    "throughput: aws s3 cp (no start-up)",
+                    f"{aws['mib_per_s_excluding_startup']:.1f} MiB/s",
+                    f"minus {aws['cli_startup_seconds']:.2f} s for `aws s3 ls`",
+                ),
+            ]
+        bound = svc["parts_in_flight_bound_mib"]
+        rows.append(
+            (
+                "service peak RSS (VmHWM)",
+                f"{svc['peak_rss_mib']:.0f} MiB",
+                f"{svc['baseline_rss_mib']:.0f} MiB idle; parts in flight "
+                f"{st['PART_CONCURRENCY']} x {st['CHUNK_SIZE_BYTES'] // 2**20} MiB = "
+                f"{bound['one_stream']} MiB (x{st['MAX_CONCURRENT_STREAMS']} streams = "
+                f"{bound['all_streams']} MiB)",
+            )
+        )
+        rows.append(("throughput: verified", "yes" if tp["ok"] else "NO", "HEAD size + ETag"))
+    lat = results.get("latency")
+    if lat is not None and "error" not in lat:
+        s = lat["settings"]
+        what = (
+            f"{s['runs']} x {s['size_mib']} MiB MP4, close -> sidecar HEAD 200, "
+            f"{lat['server']}, SETTLE_SECONDS={s['SETTLE_SECONDS']:g}"
+        )
+        rows += [
+            ("latency: p50", f"{lat['p50_s']:.3f} s", what),
+            ("latency: max", f"{lat['max_s']:.3f} s", ""),
+            ("latency: verified", "yes" if lat["ok"] else "NO", "sidecar size + sha256"),
+        ]
+    for name, result in results.items():
+        if "error" in result:
+            rows.append((f"{name}: FAILED", "-", result["error"].splitlines()[0][:80]))
+    return rows
+
+
+def table(rows: list[tuple[str, str, str]]) -> str:
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    return "\n".join(f"  {a:<{w0}}  {b:>{w1}}  {c}".rstrip() for a, b, c in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.run",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument("--only", choices=sorted(BENCHES), action="append")
+    parser.add_argument("--throughput", default="", metavar="ARGS", help="bench_throughput args")
+    parser.add_argument("--latency", default="", metavar="ARGS", help="bench_latency args")
+    args = parser.parse_args(argv)
+    selected = args.only or list(BENCHES)
+    options = {"throughput": args.throughput, "latency": args.latency}
+    # Parse everything first: a typo should fail before minutes of benchmarking.
+    parsed = {name: BENCHES[name][0](shlex.split(options[name])) for name in selected}
+    results: dict[str, dict[str, Any]] = {}
+    started = time.monotonic()
+    for name in selected:
+        _, run, report = BENCHES[name]
+        print(f"== {name} ...", flush=True)
+        bench_start = time.monotonic()
+        try:
+            results[name] = run(parsed[name])
+        except BenchError as exc:
+            results[name] = {"ok": False, "error": str(exc)}
+            print(f"{name} FAILED: {exc}", file=sys.stderr, flush=True)
+            continue
+        results[name]["bench_seconds"] = round(time.monotonic() - bench_start, 1)
+        print(report(results[name]), flush=True)
+    info = machine()
+    payload = {
+        "command": command_line(),
+        "finished_at": now_iso(),
+        "total_seconds": round(time.monotonic() - started, 1),
+        "machine": info,
+        "benches": results,
+    }
+    path = write_json("results.json", payload)
+    print()
+    print("== CefMP4 benchmark summary")
+    print(f"  command: {payload['command']}")
+    print(f"  machine: {info['cpus']} CPUs ({info['cpu_model']}), Python {info['python']}")
+    loads = {n: r["load_average_1m_before"] for n, r in results.items() if "error" not in r}
+    busy = any(v > 0.5 * (info["cpus"] or 1) for v in loads.values())
+    print(
+        f"  1-min load average before each bench: {loads}"
+        + ("  <- other work was running: figures are noisy, compare runs" if busy else "")
+    )
+    print(table(summary(results)))
+    print(f"  JSON: {path}")
+    return 0 if all(r.get("ok") for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

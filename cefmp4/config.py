@@ -53,6 +53,7 @@ class Config(
     max_concurrent_streams: PositiveInt = 4
     part_concurrency: PositiveInt = 4
     claim_idle_seconds: PositiveFloat = 60.0
+    lease_ttl_seconds: Annotated[float, msgspec.Meta(ge=0.5)] = 10.0
     shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 20.0
     replica_id: str = ""
 

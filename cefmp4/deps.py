@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from cefmp4.config import Config
 from cefmp4.eventlog import EventLog
 from cefmp4.events import Event
+from cefmp4.leases import Fence, StreamGuard
 from cefmp4.metrics import Metrics
 from cefmp4.storage import ObjectStore
-from cefmp4.streamlocks import StreamLocks
 from projections.live import LiveProjection
 
 
@@ -26,11 +26,16 @@ class Deps:
     events: EventLog
     projection: LiveProjection
     store: ObjectStore
-    locks: StreamLocks
+    locks: StreamGuard
     metrics: Metrics
     now: Callable[[], datetime] = utcnow
 
-    async def emit(self, event: Event) -> str:
-        entry_id = await self.events.append(event)
+    async def emit(self, event: Event, fence: Fence | None = None) -> str:
+        """Append ``event``; through ``fence`` when it is about a stream this
+        process holds, so a replica that lost the lease cannot record it."""
+        if fence is None:
+            entry_id = await self.events.append(event)
+        else:
+            entry_id = await fence.append(event, self.events.replica)
         self.metrics.events.labels(type(event).__name__).inc()
         return entry_id

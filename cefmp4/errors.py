@@ -12,7 +12,13 @@ class CefError(Exception):
 
 
 class TransientError(CefError):
-    """Worth retrying: network blips, 5xx, SlowDown, timeouts, Redis reconnects."""
+    """Worth retrying: network blips, 5xx, SlowDown, timeouts, Redis reconnects.
+
+    ``retry_now`` False means "not here and now": the work stays pending and is
+    tried again later (by this or another replica), e.g. a lease held elsewhere.
+    """
+
+    retry_now: bool = True
 
 
 class PermanentError(CefError):

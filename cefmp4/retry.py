@@ -13,7 +13,7 @@ import structlog
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     stop_never,
     wait_exponential_jitter,
@@ -36,7 +36,7 @@ def _log_retry(state: RetryCallState) -> None:
 
 def transient(*, attempts: int | None = 8, max_wait: float = 5.0) -> AsyncRetrying:
     return AsyncRetrying(
-        retry=retry_if_exception_type(TransientError),
+        retry=retry_if_exception(lambda e: isinstance(e, TransientError) and e.retry_now),
         wait=wait_exponential_jitter(multiplier=0.1, max=max_wait, jitter=0.1),
         stop=stop_never if attempts is None else stop_after_attempt(attempts),
         before_sleep=_log_retry,

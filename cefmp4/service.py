@@ -29,10 +29,10 @@ from cefmp4.consumerloop import GroupConsumer, Handler
 from cefmp4.deps import Deps, utcnow
 from cefmp4.eventlog import EventLog
 from cefmp4.ids import stream_id
+from cefmp4.leases import Fence, Lease, StreamGuard
 from cefmp4.metrics import Metrics
 from cefmp4.s3store import S3Store, boto_config
 from cefmp4.storage import ObjectStore
-from cefmp4.streamlocks import StreamLocks
 from cefmp4.watcher import Watcher
 from consumers.finalizer import Finalizer
 from consumers.metadata import MetadataWriter
@@ -83,7 +83,13 @@ class Service:
             events=events,
             projection=LiveProjection(events),
             store=store,
-            locks=StreamLocks(),
+            locks=StreamGuard(
+                redis,
+                key_prefix=config.redis_key_prefix,
+                events_key=config.events_key,
+                owner=config.replica,
+                ttl=config.lease_ttl_seconds,
+            ),
             metrics=self.metrics,
             now=now,
         )
@@ -110,6 +116,7 @@ class Service:
             for handler in handlers
         ]
         self.watcher = Watcher(self.deps, new_stream_id=lambda: stream_id(self.deps.now()))
+        self._redis = redis
 
     async def start(self) -> None:
         """Make sure the bucket and groups exist and replay the log."""
@@ -133,13 +140,46 @@ class Service:
             replica=self.deps.config.replica,
         )
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._supervise("watcher", lambda: self.watcher.run(stop), stop))
+            group.create_task(self._supervise("watcher", lambda: self._watch(stop), stop))
             for consumer in self.consumers:
                 group.create_task(
                     self._supervise(consumer.group, lambda c=consumer: c.run(stop), stop)  # type: ignore[misc]
                 )
             group.create_task(self._gauge(stop))
         log.info("service stopped")
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        """Watch while holding the watcher lease; stand by otherwise.
+
+        One replica watches the directory at a time (two watchers would each
+        start a stream for the same file). The others keep uploading,
+        finalizing and writing sidecars; a standby takes over within the
+        lease TTL when the holder dies.
+        """
+        config = self.deps.config
+        lease = Lease(self._redis, f"{config.redis_key_prefix}:lease:watcher", config.replica,
+                      config.lease_ttl_seconds)  # fmt: skip
+        standby_logged = False
+        while not stop.is_set():
+            if not await lease.acquire():
+                if not standby_logged:
+                    log.info("another replica watches the directory; standing by")
+                    standby_logged = True
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(config.lease_ttl_seconds / 3):
+                        await stop.wait()
+                continue
+            standby_logged = False
+            log.info("watching", watch_dir=str(config.watch_root))
+            async with lease.kept() as lost:
+                inner = asyncio.Event()
+                relay = asyncio.create_task(_first_of(stop, lost, then=inner))
+                try:
+                    await self.watcher.run(inner, Fence(self._redis, config.events_key, lease))
+                finally:
+                    relay.cancel()
+            if lost.is_set() and not stop.is_set():
+                log.warning("watcher lease lost; standing by")
 
     async def _gauge(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -163,3 +203,14 @@ class Service:
                     async with asyncio.timeout(delay):
                         await stop.wait()
                 delay = min(delay * 2, 30.0)
+
+
+async def _first_of(*events: asyncio.Event, then: asyncio.Event) -> None:
+    """Set ``then`` as soon as any of ``events`` is set."""
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        then.set()
+    finally:
+        for w in waiters:
+            w.cancel()

@@ -27,6 +27,7 @@ import watchfiles
 from cefmp4 import files, mp4
 from cefmp4.deps import Deps
 from cefmp4.events import BytesAvailable, FileDeleted, FileSeen, FileTruncated, StreamIdle
+from cefmp4.leases import Fence
 from cefmp4.watchrules import CheckMp4, Gone, Grew, Idle, Seen, Timing, Truncated, decide
 from projections.streams import StreamState
 
@@ -79,10 +80,13 @@ class Watcher:
         self._verdicts: dict[str, tuple[tuple[int, int, int], mp4.Mp4Verdict]] = {}
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
+        self._fence: Fence | None = None
 
     # -- life cycle -------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, fence: Fence | None = None) -> None:
+        """Watch until ``stop``; appends go through ``fence`` (the watcher lease)."""
+        self._fence = fence
         self._root.mkdir(parents=True, exist_ok=True)
         notifier = asyncio.create_task(self._notifications(stop))
         try:
@@ -104,8 +108,9 @@ class Watcher:
             notifier.cancel()
             await asyncio.gather(notifier, return_exceptions=True)
 
-    async def run_once(self) -> None:
+    async def run_once(self, fence: Fence | None = None) -> None:
         """One full scan and decision pass; for tests."""
+        self._fence = fence
         self._root.mkdir(parents=True, exist_ok=True)
         await self.scan()
 
@@ -214,7 +219,8 @@ class Watcher:
                     size=current.size,
                     mtime_ns=current.mtime_ns,
                     inode=current.inode,
-                )
+                ),
+                self._fence,
             )
             self._idle_sent.pop(path, None)
             log.info("new recording", path=path, stream_id=stream_id, size=current.size)
@@ -226,12 +232,13 @@ class Watcher:
                     at=now,
                     size=current.size,
                     mtime_ns=current.mtime_ns,
-                )
+                ),
+                self._fence,
             )
         elif isinstance(action, Gone):
             assert stream is not None
             log.info("recording deleted before completion", path=path, stream_id=stream.stream_id)
-            await deps.emit(FileDeleted(stream_id=stream.stream_id, at=now, path=path))
+            await deps.emit(FileDeleted(stream_id=stream.stream_id, at=now, path=path), self._fence)
         elif isinstance(action, Truncated):
             assert current is not None and stream is not None
             log.warning(
@@ -240,7 +247,8 @@ class Watcher:
                 stream_id=stream.stream_id,
             )
             await deps.emit(
-                FileTruncated(stream_id=stream.stream_id, at=now, path=path, size=current.size)
+                FileTruncated(stream_id=stream.stream_id, at=now, path=path, size=current.size),
+                self._fence,
             )
         elif isinstance(action, Idle):
             assert current is not None and stream is not None and verdict is not None
@@ -253,7 +261,8 @@ class Watcher:
                     reason=action.reason,
                     mp4=verdict.status.value,
                     mp4_reason=verdict.reason,
-                )
+                ),
+                self._fence,
             )
             self._idle_sent[path] = (current.size, current.mtime_ns)
         projection = await deps.projection.catch_up()

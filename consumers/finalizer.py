@@ -28,6 +28,7 @@ from cefmp4 import files
 from cefmp4.deps import Deps
 from cefmp4.errors import NoSuchUpload, PermanentError
 from cefmp4.events import Event, StreamCompleted, StreamIdle
+from cefmp4.leases import Fence
 from cefmp4.partplan import Span, capacity, final_parts, fits_single_put
 from consumers.uploads import CONTENT_TYPE, Uploads, first_failure, matches, md5_of
 from projections.streams import Part, StreamState
@@ -49,17 +50,17 @@ class Finalizer:
 
     async def handle(self, event: Event) -> None:
         assert isinstance(event, StreamIdle)
-        async with self._deps.locks.hold(event.stream_id):
+        async with self._deps.locks.hold(event.stream_id) as fence:
             s = (await self._deps.projection.catch_up()).streams.get(event.stream_id)
             if s is None or s.terminal:
                 return
             if s.gone is not None:
-                await self._uploads.fail(s, s.gone, f"{s.path} {s.gone}")
+                await self._uploads.fail(s, fence, s.gone, f"{s.path} {s.gone}")
                 return
             started = time.monotonic()
             async with self._uploads.stream_slots:
                 try:
-                    await self._finalize(s, event)
+                    await self._finalize(s, event, fence)
                 except (FileMoved, files.FileGone, files.FileShrank) as exc:
                     log.info(
                         "file changed during finalization; resuming",
@@ -68,7 +69,7 @@ class Finalizer:
                     )
                     return
                 except files.FileUnreadable as exc:
-                    await self._uploads.fail(s, "unreadable", str(exc))
+                    await self._uploads.fail(s, fence, "unreadable", str(exc))
                     return
             self._deps.metrics.finalize_seconds.observe(time.monotonic() - started)
 
@@ -80,15 +81,17 @@ class Finalizer:
             raise FileMoved(f"{s.path} changed since it went idle")
         return current
 
-    async def _finalize(self, s: StreamState, idle: StreamIdle) -> None:
+    async def _finalize(self, s: StreamState, idle: StreamIdle, fence: Fence) -> None:
         current = self._unchanged(s, idle)
         chunk = self._deps.config.chunk_size_bytes
         if current.size == 0:
-            await self._uploads.fail(s, "empty", "the file stayed empty until the idle timeout")
+            await self._uploads.fail(
+                s, fence, "empty", "the file stayed empty until the idle timeout"
+            )
             return
         if current.size > capacity(chunk):
             await self._uploads.fail(
-                s, "too_large", f"{current.size} bytes exceed {capacity(chunk)}"
+                s, fence, "too_large", f"{current.size} bytes exceed {capacity(chunk)}"
             )
             return
         if s.upload_id is None and fits_single_put(current.size, chunk):
@@ -96,7 +99,7 @@ class Finalizer:
             parts = 0
         else:
             etag, sha256, parts = await self._complete_multipart(
-                s, idle, final_parts(current.size, chunk)
+                s, idle, final_parts(current.size, chunk), fence
             )
         info = await self._deps.store.head_object(s.key)
         if info is None or info.size != current.size:
@@ -117,7 +120,8 @@ class Finalizer:
                 parts=parts,
                 mp4=idle.mp4,
                 mp4_reason=idle.mp4_reason,
-            )
+            ),
+            fence,
         )
         self._deps.metrics.completed.labels(idle.mp4).inc()
         log.info(
@@ -140,17 +144,18 @@ class Finalizer:
         return etag, sha256
 
     async def _complete_multipart(
-        self, s: StreamState, idle: StreamIdle, spans: list[Span]
+        self, s: StreamState, idle: StreamIdle, spans: list[Span], fence: Fence
     ) -> tuple[str, str, int]:
-        upload_id = await self._uploads.ensure_upload(s)
+        upload_id = await self._uploads.ensure_upload(s, fence)
         try:
-            parts = await self._uploads.reconcile(s, upload_id, idle.size)
-            etags, sha256 = await self._verify_and_send(s, upload_id, spans, parts)
+            parts = await self._uploads.reconcile(s, upload_id, idle.size, fence)
+            etags, sha256 = await self._verify_and_send(s, upload_id, spans, parts, fence)
         except NoSuchUpload:
-            upload_id = await self._uploads.restart_upload(s)
-            etags, sha256 = await self._verify_and_send(s, upload_id, spans, {})
+            upload_id = await self._uploads.restart_upload(s, fence)
+            etags, sha256 = await self._verify_and_send(s, upload_id, spans, {}, fence)
         self._unchanged(s, idle)
         layout = [(sp.number, etags[sp.number]) for sp in spans]
+        await fence.lease.check()  # a replica that lost the stream must not complete it
         try:
             etag = await self._deps.store.complete_multipart(s.key, upload_id, layout)
         except NoSuchUpload:
@@ -163,7 +168,12 @@ class Finalizer:
         return etag, sha256, len(spans)
 
     async def _verify_and_send(
-        self, s: StreamState, upload_id: str, spans: list[Span], parts: dict[int, Part]
+        self,
+        s: StreamState,
+        upload_id: str,
+        spans: list[Span],
+        parts: dict[int, Part],
+        fence: Fence,
     ) -> tuple[dict[int, str], str]:
         """Re-read every part in order; resend those whose bytes changed."""
         whole = hashlib.sha256()
@@ -187,7 +197,7 @@ class Finalizer:
                             part=span.number,
                         )
                     await limit.acquire()
-                    group.create_task(self._send(s, upload_id, span, data, etags, limit))
+                    group.create_task(self._send(s, upload_id, span, data, etags, limit, fence))
         return etags, whole.hexdigest()
 
     async def _send(
@@ -198,9 +208,12 @@ class Finalizer:
         data: bytes,
         etags: dict[int, str],
         limit: asyncio.Semaphore,
+        fence: Fence,
     ) -> None:
         try:
-            etags[span.number] = await self._uploads.send_bytes(s, upload_id, span, data, "final")
+            etags[span.number] = await self._uploads.send_bytes(
+                s, upload_id, span, data, "final", fence
+            )
         finally:
             limit.release()
 

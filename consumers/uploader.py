@@ -16,6 +16,7 @@ from cefmp4 import files
 from cefmp4.deps import Deps
 from cefmp4.errors import NoSuchUpload
 from cefmp4.events import BytesAvailable, Event, FileDeleted, FileSeen, FileTruncated
+from cefmp4.leases import Fence
 from cefmp4.partplan import whole_parts
 from consumers.uploads import Uploads, matches
 from projections.streams import StreamState
@@ -34,17 +35,17 @@ class Uploader:
         self._uploads = uploads
 
     async def handle(self, event: Event) -> None:
-        async with self._deps.locks.hold(event.stream_id):
+        async with self._deps.locks.hold(event.stream_id) as fence:
             state = (await self._deps.projection.catch_up()).streams.get(event.stream_id)
             if state is None or state.terminal:
                 return
             if state.gone is not None:
-                await self._uploads.fail(state, state.gone, f"{state.path} {state.gone}")
+                await self._uploads.fail(state, fence, state.gone, f"{state.path} {state.gone}")
                 return
             async with self._uploads.stream_slots:
-                await self.sync(state)
+                await self.sync(state, fence)
 
-    async def sync(self, s: StreamState) -> None:
+    async def sync(self, s: StreamState, fence: Fence) -> None:
         """Send every whole part of the current file that S3 does not have."""
         current = files.stat(s.path)
         if current is None or current.inode != s.inode:
@@ -53,13 +54,13 @@ class Uploader:
         spans = list(whole_parts(current.size, chunk))
         if not spans or all(matches(s.parts.get(sp.number), sp) for sp in spans):
             return
-        upload_id = await self._uploads.ensure_upload(s)
+        upload_id = await self._uploads.ensure_upload(s, fence)
         try:
-            parts = await self._uploads.reconcile(s, upload_id, current.size)
+            parts = await self._uploads.reconcile(s, upload_id, current.size, fence)
             missing = [sp for sp in spans if not matches(parts.get(sp.number), sp)]
-            await self._uploads.send(s, upload_id, missing, why="growing")
+            await self._uploads.send(s, upload_id, missing, "growing", fence)
         except NoSuchUpload:
-            upload_id = await self._uploads.restart_upload(s)
-            await self._uploads.send(s, upload_id, spans, why="resend")
+            upload_id = await self._uploads.restart_upload(s, fence)
+            await self._uploads.send(s, upload_id, spans, "resend", fence)
         except (files.FileGone, files.FileShrank) as exc:
             log.info("file changed while reading; waiting for the watcher", error=str(exc))

@@ -28,6 +28,7 @@ from cefmp4 import files
 from cefmp4.deps import Deps
 from cefmp4.errors import NoSuchUpload, PermanentError
 from cefmp4.events import PartUploaded, StreamFailed, UploadStarted
+from cefmp4.leases import Fence
 from cefmp4.partplan import Span, part_offset
 from projections.streams import Part, StreamState
 
@@ -68,7 +69,7 @@ class Uploads:
         """At most MAX_CONCURRENT_STREAMS streams move bytes at once."""
         return self._streams
 
-    async def ensure_upload(self, s: StreamState) -> str:
+    async def ensure_upload(self, s: StreamState, fence: Fence) -> str:
         if s.upload_id is not None:
             return s.upload_id
         store = self._deps.store
@@ -76,25 +77,27 @@ class Uploads:
         if mine:
             upload_id = mine[0].upload_id
             for extra in mine[1:]:
-                await self._abort_quietly(s.key, extra.upload_id)
+                await self._abort_quietly(s.key, extra.upload_id, fence)
             log.info("adopting multipart upload found in store", stream_id=s.stream_id)
         else:
             upload_id = await store.create_multipart(s.key, CONTENT_TYPE)
         await self._deps.emit(
-            UploadStarted(stream_id=s.stream_id, at=self._deps.now(), upload_id=upload_id)
+            UploadStarted(stream_id=s.stream_id, at=self._deps.now(), upload_id=upload_id), fence
         )
         return upload_id
 
-    async def restart_upload(self, s: StreamState) -> str:
+    async def restart_upload(self, s: StreamState, fence: Fence) -> str:
         """The store lost our upload (lifecycle rule, abort by hand): start over."""
         log.warning("multipart upload vanished; starting a new one", stream_id=s.stream_id)
         upload_id = await self._deps.store.create_multipart(s.key, CONTENT_TYPE)
         await self._deps.emit(
-            UploadStarted(stream_id=s.stream_id, at=self._deps.now(), upload_id=upload_id)
+            UploadStarted(stream_id=s.stream_id, at=self._deps.now(), upload_id=upload_id), fence
         )
         return upload_id
 
-    async def reconcile(self, s: StreamState, upload_id: str, file_size: int) -> dict[int, Part]:
+    async def reconcile(
+        self, s: StreamState, upload_id: str, file_size: int, fence: Fence
+    ) -> dict[int, Part]:
         """Parts known for ``upload_id`` after checking the store, once per process."""
         if (s.stream_id, upload_id) in self._reconciled:
             return s.parts
@@ -123,7 +126,7 @@ class Uploads:
                 etag=rp.etag,
                 md5=md5_hex,
             )
-            await self._deps.emit(event)
+            await self._deps.emit(event, fence)
             parts[rp.number] = Part(rp.number, offset, rp.size, rp.etag, md5_hex, event.at)
             log.info("adopted part found in store", stream_id=s.stream_id, part=rp.number)
         self._reconciled.add((s.stream_id, upload_id))
@@ -133,7 +136,7 @@ class Uploads:
         return part_offset(number, self._deps.config.chunk_size_bytes)
 
     async def send(
-        self, s: StreamState, upload_id: str, spans: Iterable[Span], why: str
+        self, s: StreamState, upload_id: str, spans: Iterable[Span], why: str, fence: Fence
     ) -> dict[int, str]:
         """Upload ``spans`` concurrently; returns part number -> ETag."""
         limit = asyncio.Semaphore(self._deps.config.part_concurrency)
@@ -142,7 +145,7 @@ class Uploads:
         async def one(span: Span) -> None:
             async with limit:
                 data = await asyncio.to_thread(files.read_range, s.path, span.offset, span.size)
-                etags[span.number] = await self.send_bytes(s, upload_id, span, data, why)
+                etags[span.number] = await self.send_bytes(s, upload_id, span, data, why, fence)
 
         with first_failure():
             async with asyncio.TaskGroup() as group:
@@ -151,7 +154,7 @@ class Uploads:
         return etags
 
     async def send_bytes(
-        self, s: StreamState, upload_id: str, span: Span, data: bytes, why: str
+        self, s: StreamState, upload_id: str, span: Span, data: bytes, why: str, fence: Fence
     ) -> str:
         md5_hex, md5_b64 = await asyncio.to_thread(md5_of, data)
         etag = await self._deps.store.upload_part(s.key, upload_id, span.number, data, md5_b64)
@@ -165,24 +168,27 @@ class Uploads:
                 size=span.size,
                 etag=etag,
                 md5=md5_hex,
-            )
+            ),
+            fence,
         )
         self._deps.metrics.parts.labels(why).inc()
         self._deps.metrics.bytes.inc(span.size)
         return etag
 
-    async def fail(self, s: StreamState, reason: str, detail: str = "") -> None:
+    async def fail(self, s: StreamState, fence: Fence, reason: str, detail: str = "") -> None:
         """End the stream without an object: abort the upload, then say why."""
         if s.upload_id is not None:
-            await self._abort_quietly(s.key, s.upload_id)
+            await self._abort_quietly(s.key, s.upload_id, fence)
         level = log.info if reason in ("deleted", "truncated") else log.error
         level("stream failed", stream_id=s.stream_id, path=s.path, reason=reason, detail=detail)
         await self._deps.emit(
-            StreamFailed(stream_id=s.stream_id, at=self._deps.now(), reason=reason, detail=detail)
+            StreamFailed(stream_id=s.stream_id, at=self._deps.now(), reason=reason, detail=detail),
+            fence,
         )
         self._deps.metrics.failed.labels(reason).inc()
 
-    async def _abort_quietly(self, key: str, upload_id: str) -> None:
+    async def _abort_quietly(self, key: str, upload_id: str, fence: Fence) -> None:
+        await fence.lease.check()  # a replica that lost the stream must not abort it
         try:
             await self._deps.store.abort_multipart(key, upload_id)
         except NoSuchUpload:
@@ -197,10 +203,10 @@ def failer(deps: Deps, uploads: Uploads) -> Callable[[str, str, str], Awaitable[
     """The consumer supervisor's way to end a stream after an unrecoverable error."""
 
     async def fail(stream_id: str, reason: str, detail: str) -> None:
-        async with deps.locks.hold(stream_id):
+        async with deps.locks.hold(stream_id) as fence:
             s = (await deps.projection.catch_up()).streams.get(stream_id)
             if s is not None and not s.terminal:
-                await uploads.fail(s, reason, detail)
+                await uploads.fail(s, fence, reason, detail)
                 return
         # Terminal already (e.g. the sidecar of a completed stream failed): the
         # event still records why; the fold keeps the completion.

@@ -27,6 +27,7 @@ from cefmp4.config import Config
 from cefmp4.errors import ConfigError
 from cefmp4.localservers import RedisServer, SeaweedS3
 from cefmp4.logsetup import configure
+from cefmp4.memory import return_large_buffers
 from cefmp4.service import Service, connect
 
 log = structlog.get_logger(__name__)
@@ -112,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cefmp4: invalid configuration: {exc}", file=sys.stderr)
         return 2
     configure(config)
+    return_large_buffers()
     if args.command == "local":
         with local_servers(config, args.data_dir) as local_config:
             asyncio.run(serve(local_config))

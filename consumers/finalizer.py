@@ -175,15 +175,23 @@ class Finalizer:
         parts: dict[int, Part],
         fence: Fence,
     ) -> tuple[dict[int, str], str]:
-        """Re-read every part in order; resend those whose bytes changed."""
+        """Read every part once, in order: send the missing ones, compare the sent
+        ones with their recorded MD5 and send again those whose bytes changed.
+
+        The whole-file SHA-256 runs in its own thread one part behind the
+        per-part MD5 (hashlib releases the GIL), so the two cores hash at once.
+        """
         whole = hashlib.sha256()
         etags: dict[int, str] = {}
         limit = asyncio.Semaphore(self._deps.config.part_concurrency)
+        hashing: asyncio.Future[None] | None = None
         with first_failure():
             async with asyncio.TaskGroup() as group:
                 for span in spans:
                     data = await asyncio.to_thread(files.read_range, s.path, span.offset, span.size)
-                    await asyncio.to_thread(whole.update, data)
+                    if hashing is not None:
+                        await hashing
+                    hashing = asyncio.ensure_future(asyncio.to_thread(whole.update, data))
                     known = parts.get(span.number)
                     if matches(known, span):
                         assert known is not None
@@ -198,6 +206,8 @@ class Finalizer:
                         )
                     await limit.acquire()
                     group.create_task(self._send(s, upload_id, span, data, etags, limit, fence))
+                if hashing is not None:
+                    await hashing
         return etags, whole.hexdigest()
 
     async def _send(

@@ -10,6 +10,8 @@ not yet in S3. Duplicate or late triggers therefore do nothing, and a burst of
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import structlog
 
 from cefmp4 import files
@@ -45,6 +47,17 @@ class Uploader:
             async with self._uploads.stream_slots:
                 await self.sync(state, fence)
 
+    def _went_idle(self, stream_id: str) -> Callable[[], Awaitable[bool]]:
+        """True once the watcher called the stream idle: the finalizer is
+        waiting for our lock, and will send the rest reading each part once,
+        instead of us sending it and the finalizer reading it all again."""
+
+        async def check() -> bool:
+            state = (await self._deps.projection.catch_up()).streams.get(stream_id)
+            return state is not None and state.status == "idle"
+
+        return check
+
     async def sync(self, s: StreamState, fence: Fence) -> None:
         """Send every whole part of the current file that S3 does not have."""
         current = files.stat(s.path)
@@ -58,7 +71,9 @@ class Uploader:
         try:
             parts = await self._uploads.reconcile(s, upload_id, current.size, fence)
             missing = [sp for sp in spans if not matches(parts.get(sp.number), sp)]
-            await self._uploads.send(s, upload_id, missing, "growing", fence)
+            await self._uploads.send(
+                s, upload_id, missing, "growing", fence, give_way=self._went_idle(s.stream_id)
+            )
         except NoSuchUpload:
             upload_id = await self._uploads.restart_upload(s, fence)
             await self._uploads.send(s, upload_id, spans, "resend", fence)

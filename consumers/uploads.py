@@ -136,14 +136,27 @@ class Uploads:
         return part_offset(number, self._deps.config.chunk_size_bytes)
 
     async def send(
-        self, s: StreamState, upload_id: str, spans: Iterable[Span], why: str, fence: Fence
+        self,
+        s: StreamState,
+        upload_id: str,
+        spans: Iterable[Span],
+        why: str,
+        fence: Fence,
+        *,
+        give_way: Callable[[], Awaitable[bool]] | None = None,
     ) -> dict[int, str]:
-        """Upload ``spans`` concurrently; returns part number -> ETag."""
+        """Upload ``spans`` concurrently; returns part number -> ETag of those sent.
+
+        ``give_way`` is asked before each part; once it says yes the remaining
+        parts are left (to the finalizer, which reads each byte only once).
+        """
         limit = asyncio.Semaphore(self._deps.config.part_concurrency)
         etags: dict[int, str] = {}
 
         async def one(span: Span) -> None:
             async with limit:
+                if give_way is not None and await give_way():
+                    return
                 data = await asyncio.to_thread(files.read_range, s.path, span.offset, span.size)
                 etags[span.number] = await self.send_bytes(s, upload_id, span, data, why, fence)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -139,3 +141,42 @@ def objects(s3_client: Any, bucket: str) -> dict[str, bytes]:
 
 def open_uploads(s3_client: Any, bucket: str) -> list[Mapping[str, Any]]:
     return list(s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+class ServiceProcess:
+    """``python -m cefmp4 run`` as a child process: the only honest way to
+    test kill -9, SIGTERM and several replicas."""
+
+    def __init__(self, config: Config, log_path: Path, replica_id: str = "") -> None:
+        self.env = subprocess_env(config)
+        if replica_id:
+            self.env["REPLICA_ID"] = replica_id
+        self.replica_id = replica_id
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [PYTHON, "-m", "cefmp4", "run"], env=self.env, stdout=log, stderr=log
+            )
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from cefmp4 import config as config_mod
 from cefmp4.config import Config
 from cefmp4.errors import ConfigError
+from cefmp4.gc import DEFAULT_OLDER_THAN, duration, run_gc
 from cefmp4.localservers import RedisServer, SeaweedS3
 from cefmp4.logsetup import configure
 from cefmp4.memory import return_large_buffers
@@ -106,6 +107,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("run", help="run the service with the configuration from the environment")
     local = commands.add_parser("local", help="run against throwaway local Redis and SeaweedFS")
     local.add_argument("--data-dir", type=Path, default=Path(".cefmp4"))
+    gc = commands.add_parser(
+        "gc", help="abort multipart uploads the log no longer needs (dry run by default)"
+    )
+    gc.add_argument(
+        "--older-than",
+        type=duration,
+        default=DEFAULT_OLDER_THAN,
+        metavar="AGE",
+        help="only abort uploads initiated at least AGE ago, e.g. 30m, 2h, 1d, 0s (default 1h)",
+    )
+    mode = gc.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dry-run", dest="apply", action="store_false", help="only report (the default)"
+    )
+    mode.add_argument(
+        "--apply", "--no-dry-run", dest="apply", action="store_true", help="abort them"
+    )
+    gc.set_defaults(apply=False)
     args = parser.parse_args(argv)
     try:
         config = config_mod.load(os.environ)
@@ -117,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "local":
         with local_servers(config, args.data_dir) as local_config:
             asyncio.run(serve(local_config))
+    elif args.command == "gc":
+        asyncio.run(run_gc(config, apply=args.apply, older_than=args.older_than, out=sys.stdout))
     else:
         asyncio.run(serve(config))
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import UTC
 from typing import Any, TypeVar
 
 import aiohttp
@@ -177,7 +178,10 @@ class S3Store:
             if key_marker:
                 kwargs |= {"KeyMarker": key_marker, "UploadIdMarker": id_marker}
             reply = await self._call(lambda kw=kwargs: self._s3.list_multipart_uploads(**kw))  # type: ignore[misc]
-            uploads += [RemoteUpload(u["Key"], u["UploadId"]) for u in reply.get("Uploads", [])]
+            uploads += [
+                RemoteUpload(u["Key"], u["UploadId"], u["Initiated"].astimezone(UTC))
+                for u in reply.get("Uploads", [])
+            ]
             if not reply.get("IsTruncated"):
                 return uploads
             key_marker = reply.get("NextKeyMarker", "")

@@ -12,6 +12,7 @@ parts is a cache that a reconcile re-derives from ``list_parts`` after a crash.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Protocol
 
 import msgspec
@@ -26,6 +27,7 @@ class RemotePart(msgspec.Struct, frozen=True):
 class RemoteUpload(msgspec.Struct, frozen=True):
     key: str
     upload_id: str
+    initiated: datetime  # when the store created it (timezone-aware, UTC)
 
 
 class ObjectInfo(msgspec.Struct, frozen=True):

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -145,38 +146,93 @@ def open_uploads(s3_client: Any, bucket: str) -> list[Mapping[str, Any]]:
 
 class ServiceProcess:
     """``python -m cefmp4 run`` as a child process: the only honest way to
-    test kill -9, SIGTERM and several replicas."""
+    test kill -9, SIGTERM and several replicas (tests and benchmarks).
 
-    def __init__(self, config: Config, log_path: Path, replica_id: str = "") -> None:
+    Runs in ``workdir`` (default: next to the log) so no stray ``.env`` is read.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        log_path: Path,
+        replica_id: str = "",
+        workdir: Path | None = None,
+    ) -> None:
         self.env = subprocess_env(config)
         if replica_id:
             self.env["REPLICA_ID"] = replica_id
         self.replica_id = replica_id
         self.log_path = log_path
+        self._workdir = workdir or log_path.parent
         self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
 
-    def start(self) -> None:
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "service not started"
+        return self.proc.pid
+
+    def start(self, ready_timeout: float | None = None) -> None:
+        """Start; with ``ready_timeout``, also wait for "service running"."""
+        self._workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "cefmp4", "run"], env=self.env, stdout=log, stderr=log
+                [PYTHON, "-m", "cefmp4", "run"],
+                env=self.env,
+                cwd=self._workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
+        if ready_timeout is None:
+            return
+        deadline = time.monotonic() + ready_timeout
+        while "service running" not in self.log_tail(1_000_000):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"service not running after {ready_timeout}s")
+            time.sleep(0.05)
+        time.sleep(0.5)  # the watcher sets up its inotify watch just after
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+            self.returncode = self.proc.wait()
 
     def terminate(self, timeout: float = 30) -> int:
-        """SIGTERM and wait; the exit code."""
+        """SIGTERM and wait; the exit code (SIGKILL and raise after ``timeout``)."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=timeout)
+            self.returncode = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.kill()
             raise
+        return self.returncode
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        """Best-effort terminate for cleanup paths: never raises."""
+        if self.proc is None:
+            return self.returncode
+        try:
+            return self.terminate(grace)
+        except subprocess.TimeoutExpired:
+            return self.returncode
 
     def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_tail(1_000_000).splitlines()[-lines:])
+
+    def __enter__(self) -> ServiceProcess:
+        self.start(ready_timeout=30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

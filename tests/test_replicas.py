@@ -80,13 +80,14 @@ async def test_three_replicas_one_killed_mid_stream(
             )
             stream = p.for_path(cam0)
             assert stream is not None
-            holder = await redis.get(f"{config.redis_key_prefix}:lease:stream:{stream.stream_id}")
+            lease_key = f"{config.redis_key_prefix}:lease:stream:{stream.stream_id}"
+            holder: Any = await redis.get(lease_key)
             owner = holder.decode().rsplit(":", 1)[0] if holder else "r0"
             victim = next(r for r in replicas if r.replica_id == owner)
             victim.kill()
             await asyncio.gather(*writers)
             states = {path: await h.terminal(path, timeout=90) for path in contents}
-            entries = await redis.xrange(config.events_key)
+            entries: Any = await redis.xrange(config.events_key)
         writers_seen = {fields[b"replica"].decode() for _, fields in entries}
     finally:
         await redis.aclose()

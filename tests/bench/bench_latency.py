@@ -49,7 +49,6 @@ from cefmp4.localservers import JuiceFSGateway, RedisServer, S3Endpoint, Seaweed
 from tests.bench.common import (
     BenchError,
     MiB,
-    ServiceProcess,
     command_line,
     machine,
     now_iso,
@@ -60,7 +59,7 @@ from tests.bench.common import (
     wait_for,
     write_json,
 )
-from tests.harness import service_config
+from tests.harness import ServiceProcess, service_config
 from tests.mp4gen import make_mp4, record_mdat_patch
 
 BUCKET = "bench"
@@ -239,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         client = redis.Redis.from_url(rds.url)
         stack.callback(client.close)
-        service = ServiceProcess(config, tmp / "service.log", tmp / "service-cwd")
+        service = ServiceProcess(config, tmp / "service.log", workdir=tmp / "service-cwd")
         runs: list[dict[str, Any]] = []
         ctx = _Context(source, source_sha256, watch, client, config.events_key, s3)
         with service:

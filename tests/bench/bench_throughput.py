@@ -63,7 +63,6 @@ from tests.bench.common import (
     MiB,
     PartHasher,
     PySpy,
-    ServiceProcess,
     command_line,
     cpu_seconds,
     fixed_parts,
@@ -80,7 +79,7 @@ from tests.bench.common import (
     wait_for,
     write_json,
 )
-from tests.harness import service_config
+from tests.harness import ServiceProcess, service_config
 from tests.mp4gen import make_mp4
 
 NAME = "big.mp4"
@@ -199,10 +198,10 @@ def _service_phase(
         prom_port=0,
     )
     client = redis.Redis.from_url(rds.url)
-    service = ServiceProcess(config, tmp / "service.log", tmp / "service-cwd")
+    service = ServiceProcess(config, tmp / "service.log", workdir=tmp / "service-cwd")
     profiler: PySpy | None = None
     try:
-        service.start()
+        service.start(ready_timeout=30)
         pid = service.pid
         baseline_rss = proc_status_kib(pid)["VmRSS"]
         cpu0, main0, gw0 = cpu_seconds(pid), main_thread_cpu_seconds(pid), cpu_seconds(gateway_pid)

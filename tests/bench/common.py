@@ -25,9 +25,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from cefmp4.config import Config
 from cefmp4.events import Event, decode
-from tests.harness import subprocess_env
 
 MiB = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -60,78 +58,6 @@ def wait_for(
 
 
 # -- the service as a subprocess ---------------------------------------------
-
-
-class ServiceProcess:
-    """``python -m cefmp4 run`` with ``config``, output to ``log_path``.
-
-    Started in its own working directory (no stray ``.env`` is read). ``stop``
-    sends SIGTERM to this pid only and SIGKILLs it after ``grace`` seconds.
-    """
-
-    def __init__(self, config: Config, log_path: Path, workdir: Path) -> None:
-        self.config = config
-        self.log_path = log_path
-        self._workdir = workdir
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.returncode: int | None = None
-
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise BenchError("service not started")
-        return self._proc.pid
-
-    def start(self, timeout: float = 30.0) -> None:
-        self._workdir.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                [PYTHON, "-m", "cefmp4", "run"],
-                env=subprocess_env(self.config),
-                cwd=self._workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-        def ready() -> bool | None:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise BenchError(f"service exited with {self._proc.returncode}:\n{self.tail()}")
-            return True if "service running" in self._log_text() else None
-
-        wait_for(ready, timeout=timeout, poll=0.05, what="the service to start")
-        # The watcher's inotify watch is set up right after "service running".
-        time.sleep(0.5)
-
-    def _log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self._log_text().splitlines()[-lines:])
-
-    def stop(self, grace: float = 30.0) -> int | None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return self.returncode
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.returncode = proc.returncode
-        return self.returncode
-
-    def __enter__(self) -> ServiceProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # -- the event log ------------------------------------------------------------

@@ -147,6 +147,10 @@ class MetadataWriter:
         s = (await self._deps.projection.catch_up()).streams.get(event.stream_id)
         if s is None or s.metadata_key is not None:
             return
+        if s.completion is None or s.completion.at != event.at:
+            # A second completion (racing finalizers): the first one stands in
+            # the projection, and the sidecar must describe that one.
+            return
         probe = await self.probe(s.path)
         if probe.error:
             log.warning(

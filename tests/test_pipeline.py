@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -388,3 +389,40 @@ async def test_polling_mode_for_network_mounts(
         await mp4gen.record_append(sources.regular, dst, chunk=128 * 1024, delay=0.01)
         state = await h.terminal(dst)
     assert_stored(s3_client, bucket, state, sources.regular.read_bytes())
+
+
+async def test_sidecar_describes_the_first_of_two_completions(
+    make_config: Any, watch: Path, s3_client: Any, bucket: str
+) -> None:
+    """Two finalizers raced: the second StreamCompleted must not rewrite the
+    sidecar with its own figures (the projection keeps the first)."""
+    config = make_config()
+    now = datetime.now(UTC)
+    seen = FileSeen(
+        stream_id="s1", at=now, path=str(watch / "x.mp4"), rel_path="x.mp4", bucket=bucket,
+        key="streams/s1/x.mp4", size=10, mtime_ns=1, inode=1,
+    )  # fmt: skip
+    first, second = (
+        StreamCompleted(
+            stream_id="s1",
+            at=now + timedelta(seconds=i),
+            bucket=bucket,
+            key=seen.key,
+            size=10,
+            etag=f"etag{i}",
+            sha256="0" * 64,
+            mtime_ns=1,
+            parts=0,
+            mp4="invalid",
+        )
+        for i in (1, 2)
+    )
+    async with log_only(config) as (h, service):
+        for event in (seen, first, second):
+            await h.log.append(event)
+        metadata = next(c for c in service.consumers if c.group == "metadata")
+        await metadata.run_once()
+        state = (await h.projection()).streams["s1"]
+    doc = json.loads(objects(s3_client, bucket)["streams/s1/x.mp4.metadata.json"])
+    assert doc["etag"] == "etag1"
+    assert state.metadata_key == "streams/s1/x.mp4.metadata.json"

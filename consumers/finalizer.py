@@ -147,25 +147,38 @@ class Finalizer:
         self, s: StreamState, idle: StreamIdle, spans: list[Span], fence: Fence
     ) -> tuple[str, str, int]:
         upload_id = await self._uploads.ensure_upload(s, fence)
+        for attempt in (1, 2):
+            try:
+                parts = await self._uploads.reconcile(s, upload_id, idle.size, fence)
+                etags, sha256 = await self._verify_and_send(s, upload_id, spans, parts, fence)
+            except NoSuchUpload:
+                upload_id = await self._uploads.restart_upload(s, fence)
+                etags, sha256 = await self._verify_and_send(s, upload_id, spans, {}, fence)
+            self._unchanged(s, idle)
+            layout = [(sp.number, etags[sp.number]) for sp in spans]
+            await fence.lease.check()  # a replica that lost the stream must not complete it
+            try:
+                return await self._complete(s, upload_id, layout), sha256, len(spans)
+            except PermanentError as exc:
+                if exc.reason != "s3_invalidpart" or attempt == 2:
+                    raise
+                # The store does not have a part the log says it has: list the
+                # parts again, send what is missing, and try once more.
+                log.warning("InvalidPart at completion; reconciling", stream_id=s.stream_id)
+                self._uploads.forget(s)
+                s = (await self._deps.projection.catch_up()).streams[s.stream_id]
+        raise AssertionError("unreachable")
+
+    async def _complete(self, s: StreamState, upload_id: str, layout: list[tuple[int, str]]) -> str:
         try:
-            parts = await self._uploads.reconcile(s, upload_id, idle.size, fence)
-            etags, sha256 = await self._verify_and_send(s, upload_id, spans, parts, fence)
-        except NoSuchUpload:
-            upload_id = await self._uploads.restart_upload(s, fence)
-            etags, sha256 = await self._verify_and_send(s, upload_id, spans, {}, fence)
-        self._unchanged(s, idle)
-        layout = [(sp.number, etags[sp.number]) for sp in spans]
-        await fence.lease.check()  # a replica that lost the stream must not complete it
-        try:
-            etag = await self._deps.store.complete_multipart(s.key, upload_id, layout)
+            return await self._deps.store.complete_multipart(s.key, upload_id, layout)
         except NoSuchUpload:
             # Completed before a crash swallowed our StreamCompleted? Then the
             # object is there with the multipart ETag of exactly these parts.
             info = await self._deps.store.head_object(s.key)
             if info is None or info.etag != multipart_etag([e for _, e in layout]):
                 raise
-            etag = info.etag
-        return etag, sha256, len(spans)
+            return info.etag
 
     async def _verify_and_send(
         self,

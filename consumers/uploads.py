@@ -98,11 +98,14 @@ class Uploads:
     async def reconcile(
         self, s: StreamState, upload_id: str, file_size: int, fence: Fence
     ) -> dict[int, Part]:
-        """Parts known for ``upload_id`` after checking the store, once per process."""
+        """Parts known for ``upload_id`` after checking the store, once per
+        process (and again after :meth:`forget`). A part the log records but
+        the store lacks is dropped, so it is sent again."""
         if (s.stream_id, upload_id) in self._reconciled:
             return s.parts
         remote = await self._deps.store.list_parts(s.key, upload_id)
-        parts = dict(s.parts)
+        in_store = {rp.number for rp in remote}
+        parts = {n: p for n, p in s.parts.items() if n in in_store}
         for rp in remote:
             known = parts.get(rp.number)
             if known is not None and known.etag == rp.etag:
@@ -131,6 +134,10 @@ class Uploads:
             log.info("adopted part found in store", stream_id=s.stream_id, part=rp.number)
         self._reconciled.add((s.stream_id, upload_id))
         return parts
+
+    def forget(self, s: StreamState) -> None:
+        """Reconcile again on next use: the store disagreed with us."""
+        self._reconciled = {k for k in self._reconciled if k[0] != s.stream_id}
 
     def _offset_of(self, number: int) -> int:
         return part_offset(number, self._deps.config.chunk_size_bytes)

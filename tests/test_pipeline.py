@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from cefmp4.events import FileSeen, PartUploaded, StreamCompleted, StreamFailed
+from cefmp4.events import FileSeen, PartUploaded, StreamCompleted, StreamFailed, StreamIdle
 from cefmp4.localservers import S3Endpoint
 from projections.streams import StreamState
 from tests import mp4gen
@@ -399,9 +399,16 @@ async def test_sidecar_describes_the_first_of_two_completions(
     config = make_config()
     now = datetime.now(UTC)
     seen = FileSeen(
-        stream_id="s1", at=now, path=str(watch / "x.mp4"), rel_path="x.mp4", bucket=bucket,
-        key="streams/s1/x.mp4", size=10, mtime_ns=1, inode=1,
-    )  # fmt: skip
+        stream_id="s1",
+        at=now,
+        path=str(watch / "x.mp4"),
+        rel_path="x.mp4",
+        bucket=bucket,
+        key="streams/s1/x.mp4",
+        size=10,
+        mtime_ns=1,
+        inode=1,
+    )
     first, second = (
         StreamCompleted(
             stream_id="s1",
@@ -426,3 +433,52 @@ async def test_sidecar_describes_the_first_of_two_completions(
     doc = json.loads(objects(s3_client, bucket)["streams/s1/x.mp4.metadata.json"])
     assert doc["etag"] == "etag1"
     assert state.metadata_key == "streams/s1/x.mp4.metadata.json"
+
+
+async def test_invalid_part_at_completion_reconciles_with_the_store(
+    make_config: Any, watch: Path, s3_client: Any, bucket: str
+) -> None:
+    """The log and the store disagree about a part's ETag (e.g. a part re-sent
+    by a replica whose event was lost): completion answers InvalidPart; the
+    finalizer lists the parts again, adopts what the store has, completes."""
+    config = make_config()
+    dst = watch / "disagree.mp4"
+    content = os.urandom(12 * MiB)
+    dst.write_bytes(content)
+    async with log_only(config) as (h, service):
+        await service.start()
+        await service.watcher.run_once()
+        groups = {c.group: c for c in service.consumers}
+        await groups["uploaders"].run_once()
+        state = (await h.projection()).for_path(str(dst))
+        assert state is not None and sorted(state.parts) == [1, 2]
+        part2 = state.parts[2]
+        await h.log.append(
+            PartUploaded(
+                stream_id=state.stream_id,
+                at=datetime.now(UTC),
+                upload_id=state.upload_id or "",
+                part_number=2,
+                offset=part2.offset,
+                size=part2.size,
+                etag="0" * 32,
+                md5=part2.md5,
+            )
+        )
+        # Quiet for longer than the settle time; one watcher pass says idle.
+        stat = dst.stat()
+        await h.log.append(
+            StreamIdle(
+                stream_id=state.stream_id,
+                at=datetime.now(UTC),
+                size=stat.st_size,
+                mtime_ns=stat.st_mtime_ns,
+                reason="timeout",
+                mp4="invalid",
+            )
+        )
+        await groups["finalizers"].run_once()
+        state = (await h.projection()).streams[state.stream_id]
+    assert state.status == "completed", (state.failure_reason, state.failure_detail)
+    assert objects(s3_client, bucket)[state.key] == content
+    assert open_uploads(s3_client, bucket) == []

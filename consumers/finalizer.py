@@ -50,13 +50,10 @@ class Finalizer:
 
     async def handle(self, event: Event) -> None:
         assert isinstance(event, StreamIdle)
-        async with self._deps.locks.hold(event.stream_id) as fence:
-            s = (await self._deps.projection.catch_up()).streams.get(event.stream_id)
-            if s is None or s.terminal:
+        async with self._uploads.working_on(event.stream_id) as held:
+            if held is None:
                 return
-            if s.gone is not None:
-                await self._uploads.fail(s, fence, s.gone, f"{s.path} {s.gone}")
-                return
+            s, fence = held
             started = time.monotonic()
             async with self._uploads.stream_slots:
                 try:

@@ -37,15 +37,11 @@ class Uploader:
         self._uploads = uploads
 
     async def handle(self, event: Event) -> None:
-        async with self._deps.locks.hold(event.stream_id) as fence:
-            state = (await self._deps.projection.catch_up()).streams.get(event.stream_id)
-            if state is None or state.terminal:
-                return
-            if state.gone is not None:
-                await self._uploads.fail(state, fence, state.gone, f"{state.path} {state.gone}")
+        async with self._uploads.working_on(event.stream_id) as held:
+            if held is None:
                 return
             async with self._uploads.stream_slots:
-                await self.sync(state, fence)
+                await self.sync(*held)
 
     def _went_idle(self, stream_id: str) -> Callable[[], Awaitable[bool]]:
         """True once the watcher called the stream idle: the finalizer is

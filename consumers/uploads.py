@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import structlog
 
@@ -68,6 +68,20 @@ class Uploads:
     def stream_slots(self) -> asyncio.Semaphore:
         """At most MAX_CONCURRENT_STREAMS streams move bytes at once."""
         return self._streams
+
+    @asynccontextmanager
+    async def working_on(self, stream_id: str) -> AsyncIterator[tuple[StreamState, Fence] | None]:
+        """Hold the stream (lock + lease) and yield its current state, or None
+        when there is nothing to do: unknown, ended, or gone from disk (then
+        the upload is aborted and the stream failed here, whoever noticed)."""
+        async with self._deps.locks.hold(stream_id) as fence:
+            s = (await self._deps.projection.catch_up()).streams.get(stream_id)
+            if s is not None and not s.terminal and s.gone is not None:
+                await self.fail(s, fence, s.gone, f"{s.path} {s.gone}")
+            if s is None or s.terminal or s.gone is not None:
+                yield None
+            else:
+                yield s, fence
 
     async def ensure_upload(self, s: StreamState, fence: Fence) -> str:
         if s.upload_id is not None:

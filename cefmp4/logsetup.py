@@ -11,6 +11,10 @@ import structlog
 from cefmp4.config import Config
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure(config: Config) -> None:
     level = logging.getLevelName(config.log_level)
     renderer: structlog.types.Processor = (
@@ -28,6 +32,9 @@ def configure(config: Config) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # Resolve sys.stderr at each use rather than once: whoever replaces it
+        # (a test runner capturing output) must not leave loggers writing to
+        # a closed stream. Log volume is per event, not per byte: cheap.
+        logger_factory=_stderr_logger,
+        cache_logger_on_first_use=False,
     )

@@ -56,7 +56,8 @@ def boto_config(*, pool: int, timeout: float) -> BotoConfig:
     return BotoConfig(
         signature_version="s3v4",
         s3={"addressing_style": "path", "payload_signing_enabled": False},
-        retries={"max_attempts": 1, "mode": "standard"},
+        # total_max_attempts: botocore's max_attempts counts *retries*.
+        retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=min(timeout, 10.0),
         read_timeout=timeout,
         max_pool_connections=pool,

@@ -31,6 +31,7 @@ from cefmp4.eventlog import EventLog
 from cefmp4.ids import stream_id
 from cefmp4.leases import Fence, Lease, StreamGuard
 from cefmp4.metrics import Metrics
+from cefmp4.retry import transient
 from cefmp4.s3store import S3Store, boto_config
 from cefmp4.storage import ObjectStore
 from cefmp4.watcher import Watcher
@@ -39,6 +40,7 @@ from consumers.metadata import MetadataWriter
 from consumers.uploader import Uploader
 from consumers.uploads import Uploads, failer
 from projections.live import LiveProjection
+from projections.snapshots import SnapshotStore, snapshot_key
 
 log = structlog.get_logger(__name__)
 
@@ -78,10 +80,18 @@ class Service:
     ) -> None:
         events = EventLog(redis, config.events_key, config.replica)
         self.metrics = Metrics(registry)
+        projection = LiveProjection(
+            events,
+            snapshots=SnapshotStore(
+                redis, snapshot_key(config.redis_key_prefix), config.events_key
+            ),
+            snapshot_every=config.snapshot_every_events,
+            retention_seconds=config.event_retention_days * 86_400,
+        )
         self.deps = Deps(
             config=config,
             events=events,
-            projection=LiveProjection(events),
+            projection=projection,
             store=store,
             locks=StreamGuard(
                 redis,
@@ -96,7 +106,7 @@ class Service:
         self._crashes = Counter(
             "cefmp4_task_crashes", "Supervised task crashes", ["task"], registry=registry
         )
-        uploads = Uploads(self.deps)
+        self.uploads = uploads = Uploads(self.deps)
         fail = failer(self.deps, uploads)
         handlers: list[Handler] = [
             Uploader(self.deps, uploads),
@@ -120,7 +130,11 @@ class Service:
 
     async def start(self) -> None:
         """Make sure the bucket and groups exist and replay the log."""
-        await self.deps.store.ensure_bucket()
+        # S3 may be unreachable at start for minutes: wait for it rather than
+        # exit (the files on disk are the buffer meanwhile).
+        async for attempt in transient(attempts=None, max_wait=30.0):
+            with attempt:
+                await self.deps.store.ensure_bucket()
         for consumer in self.consumers:
             await consumer.start()
         projection = await self.deps.projection.catch_up()

@@ -94,16 +94,26 @@ class Uploads:
                 await self._abort_quietly(s.key, extra.upload_id, fence)
             log.info("adopting multipart upload found in store", stream_id=s.stream_id)
         else:
-            upload_id = await store.create_multipart(s.key, CONTENT_TYPE)
+            upload_id = await self.create(s, fence)
         await self._deps.emit(
             UploadStarted(stream_id=s.stream_id, at=self._deps.now(), upload_id=upload_id), fence
         )
         return upload_id
 
+    async def create(self, s: StreamState, fence: Fence) -> str:
+        """CreateMultipartUpload, leaving no second upload behind: a create
+        whose answer was lost is retried and makes one; keys are per stream
+        and we hold the stream, so any other upload of the key is an orphan."""
+        upload_id = await self._deps.store.create_multipart(s.key, CONTENT_TYPE)
+        for other in await self._deps.store.list_uploads(s.key):
+            if other.key == s.key and other.upload_id != upload_id:
+                await self._abort_quietly(s.key, other.upload_id, fence)
+        return upload_id
+
     async def restart_upload(self, s: StreamState, fence: Fence) -> str:
         """The store lost our upload (lifecycle rule, abort by hand): start over."""
         log.warning("multipart upload vanished; starting a new one", stream_id=s.stream_id)
-        upload_id = await self._deps.store.create_multipart(s.key, CONTENT_TYPE)
+        upload_id = await self.create(s, fence)
         await self._deps.emit(
             UploadStarted(stream_id=s.stream_id, at=self._deps.now(), upload_id=upload_id), fence
         )

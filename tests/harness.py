@@ -73,9 +73,12 @@ PYTHON = sys.executable
 
 
 class Harness:
-    def __init__(self, config: Config, redis: aioredis.Redis) -> None:
+    def __init__(
+        self, config: Config, redis: aioredis.Redis, registry: CollectorRegistry | None = None
+    ) -> None:
         self.config = config
         self.log = EventLog(redis, config.events_key, "test")
+        self.registry = registry or CollectorRegistry()  # the running service's metrics
 
     async def events(self) -> list[tuple[str, Event]]:
         entries = await self.log.read_after("0-0", count=1_000_000)
@@ -114,11 +117,12 @@ class Harness:
 @asynccontextmanager
 async def running(config: Config) -> AsyncIterator[Harness]:
     async with connect(config) as (redis, store):
-        service = Service(config, redis, store, CollectorRegistry())
+        registry = CollectorRegistry()
+        service = Service(config, redis, store, registry)
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop))
         try:
-            yield Harness(config, redis)
+            yield Harness(config, redis, registry)
         finally:
             stop.set()
             async with asyncio.timeout(30):

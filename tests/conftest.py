@@ -36,6 +36,7 @@ from typing import Any, Literal, Protocol
 import pytest
 
 from cefmp4.localservers import RedisServer, S3Endpoint, SeaweedS3, make_s3_client
+from tests import mp4gen
 
 Backend = Literal["local", "docker"]
 
@@ -192,3 +193,15 @@ def bucket(s3_client: Any) -> str:
     name = f"test-{uuid.uuid4().hex[:24]}"  # lowercase, 3..63 chars, DNS-safe
     s3_client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> mp4gen.Mp4Sources:
+    """Real ffmpeg-made MP4s shared by the end-to-end tests."""
+    return mp4gen.build_sources(tmp_path_factory.mktemp("mp4"))
+
+
+@pytest.fixture(scope="session")
+def large_faststart(sources: mp4gen.Mp4Sources, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The faststart version of ``sources.large`` (moov first, every byte shifted)."""
+    return mp4gen.remux_faststart(sources.large, tmp_path_factory.mktemp("fs") / "large_fs.mp4")

@@ -37,16 +37,6 @@ from tests.harness import (
 )
 
 
-@pytest.fixture(scope="session")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> mp4gen.Mp4Sources:
-    return mp4gen.build_sources(tmp_path_factory.mktemp("mp4"))
-
-
-@pytest.fixture(scope="session")
-def large_faststart(sources: mp4gen.Mp4Sources, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return mp4gen.remux_faststart(sources.large, tmp_path_factory.mktemp("fs") / "large_fs.mp4")
-
-
 @pytest.fixture
 def watch(tmp_path: Path) -> Path:
     path = tmp_path / "watch"

@@ -23,16 +23,6 @@ from tests.harness import MiB, ServiceProcess, log_only, service_config
 from tests.test_pipeline import assert_clean, assert_stored
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> mp4gen.Mp4Sources:
-    return mp4gen.build_sources(tmp_path_factory.mktemp("mp4"))
-
-
-@pytest.fixture(scope="module")
-def large_faststart(sources: mp4gen.Mp4Sources, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return mp4gen.remux_faststart(sources.large, tmp_path_factory.mktemp("fs") / "large_fs.mp4")
-
-
 @pytest.fixture
 def config(
     tmp_path: Path, redis_url: str, key_prefix: str, bucket: str, s3_endpoint: S3Endpoint

@@ -56,6 +56,12 @@ class Config(
     lease_ttl_seconds: Annotated[float, msgspec.Meta(ge=0.5)] = 10.0
     shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 20.0
     replica_id: str = ""
+    # Projection snapshots (projections.snapshots): one every N folded events
+    # so a restart replays only the tail; 0 disables them.
+    snapshot_every_events: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    # Trim log entries older than this many days, but never one the latest
+    # snapshot does not cover nor one a consumer group still needs. 0 keeps all.
+    event_retention_days: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
     @property
     def watch_root(self) -> Path:

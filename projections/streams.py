@@ -39,7 +39,12 @@ Status = Literal["active", "idle", "completed", "failed"]
 TERMINAL: frozenset[Status] = frozenset({"completed", "failed"})
 
 
-class Part(msgspec.Struct, frozen=True):
+# gc=False on the state structs: they hold only scalars, strings, datetimes,
+# each other and (StreamState) a dict of Parts, so they can never be part of a
+# reference cycle. Untracked, the hundreds of thousands of them a projection
+# holds cost the cyclic GC nothing: catch_up of a 1M-event log got 10-40 % faster
+# (with hiredis; tests/bench/bench_replay.py). Semantics are unchanged.
+class Part(msgspec.Struct, frozen=True, gc=False):
     number: int
     offset: int
     size: int
@@ -48,7 +53,7 @@ class Part(msgspec.Struct, frozen=True):
     uploaded_at: datetime
 
 
-class Idle(msgspec.Struct, frozen=True):
+class Idle(msgspec.Struct, frozen=True, gc=False):
     size: int
     mtime_ns: int
     reason: IdleReason
@@ -56,7 +61,7 @@ class Idle(msgspec.Struct, frozen=True):
     mp4_reason: str
 
 
-class Completion(msgspec.Struct, frozen=True):
+class Completion(msgspec.Struct, frozen=True, gc=False):
     size: int
     mtime_ns: int
     etag: str
@@ -67,7 +72,7 @@ class Completion(msgspec.Struct, frozen=True):
     at: datetime
 
 
-class StreamState(msgspec.Struct, frozen=True):
+class StreamState(msgspec.Struct, frozen=True, gc=False):
     stream_id: str
     path: str
     rel_path: str

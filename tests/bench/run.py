@@ -1,14 +1,15 @@
 """Run the CefMP4 benchmarks and print a summary table.
 
-    .venv/bin/python -m tests.bench.run                        # both, defaults
+    .venv/bin/python -m tests.bench.run                        # all, defaults
     .venv/bin/python -m tests.bench.run --only latency
     .venv/bin/python -m tests.bench.run --throughput="--size-mib 256 --chunk-mib 16" \\
-        --latency="--runs 3 --s3 juicefs"
+        --latency="--runs 3 --s3 juicefs" --replay="--events 200000 --streams 2000"
 
-Options inside ``--throughput`` / ``--latency`` are those of
-``python -m tests.bench.bench_throughput --help`` / ``bench_latency --help``.
-Each bench starts its own throwaway Redis and S3 server under a temp dir and
-takes well under three minutes on 2 cores. The JSON of everything goes to
+Options inside ``--throughput`` / ``--latency`` / ``--replay`` are those of
+``python -m tests.bench.bench_throughput --help`` / ``bench_latency --help`` /
+``bench_replay --help``. Each bench starts its own throwaway Redis (and, where
+it needs one, S3 server) under a temp dir and takes well under three minutes
+on 2 cores. The JSON of everything goes to
 ``.cefmp4/bench/results.json`` (relative to the repo root).
 """
 
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.bench import bench_latency, bench_throughput
+from tests.bench import bench_latency, bench_replay, bench_throughput
 from tests.bench.common import BenchError, command_line, machine, now_iso, write_json
 
 Bench = tuple[
@@ -32,6 +33,7 @@ Bench = tuple[
 BENCHES: dict[str, Bench] = {
     "throughput": (bench_throughput.parse_args, bench_throughput.run, bench_throughput.report),
     "latency": (bench_latency.parse_args, bench_latency.run, bench_latency.report),
+    "replay": (bench_replay.parse_args, bench_replay.run, bench_replay.report),
 }
 
 
@@ -92,6 +94,32 @@ def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
             ("latency: max", f"{lat['max_s']:.3f} s", ""),
             ("latency: verified", "yes" if lat["ok"] else "NO", "sidecar size + sha256"),
         ]
+    rp = results.get("replay")
+    if rp is not None and "error" not in rp:
+        cu, t = rp["catch_up"], rp["targets"]
+        rows.append(
+            (
+                "replay: catch_up from the log",
+                f"{cu['events_per_s']:,} ev/s",
+                f"{cu['events']:,} events, no snapshot; target >= "
+                f"{t['replay_events_per_s']:,}: {'met' if t['replay_met'] else 'MISSED'}",
+            )
+        )
+        for x in rp["restarts"]:
+            target = ""
+            if x["tail_events"] == 10_000 and t["restart_met"] is not None:
+                met = "met" if t["restart_met"] else "MISSED"
+                target = f"; target <= {t['restart_seconds']:g} s: {met}"
+            rows.append(
+                (
+                    f"replay: restart, snapshot + {x['tail_events']:,} tail",
+                    f"{x['restart']['seconds']:.3f} s",
+                    f"snapshot {x['snapshot_bytes'] / 2**20:.0f} MiB: encode "
+                    f"{x['snapshot_encode_seconds']:.2f} s (blocks a catch_up), SET "
+                    f"{x['snapshot_set_seconds']:.2f} s (background){target}",
+                )
+            )
+        rows.append(("replay: verified", "yes" if rp["ok"] else "NO", "== in-memory replay"))
     for name, result in results.items():
         if "error" in result:
             rows.append((f"{name}: FAILED", "-", result["error"].splitlines()[0][:80]))
@@ -114,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=sorted(BENCHES), action="append")
     parser.add_argument("--throughput", default="", metavar="ARGS", help="bench_throughput args")
     parser.add_argument("--latency", default="", metavar="ARGS", help="bench_latency args")
+    parser.add_argument("--replay", default="", metavar="ARGS", help="bench_replay args")
     args = parser.parse_args(argv)
     selected = args.only or list(BENCHES)
-    options = {"throughput": args.throughput, "latency": args.latency}
+    options = {"throughput": args.throughput, "latency": args.latency, "replay": args.replay}
     # Parse everything first: a typo should fail before minutes of benchmarking.
     parsed = {name: BENCHES[name][0](shlex.split(options[name])) for name in selected}
     results: dict[str, dict[str, Any]] = {}

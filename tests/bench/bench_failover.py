@@ -30,7 +30,15 @@ import redis
 
 from cefmp4.events import PartUploaded
 from cefmp4.localservers import RedisServer, SeaweedS3, make_s3_client
-from tests.bench.common import BenchError, MiB, command_line, now_iso, percentile, wait_for
+from tests.bench.common import (
+    BenchError,
+    MiB,
+    bench_main,
+    command_line,
+    now_iso,
+    percentile,
+    wait_for,
+)
 from tests.harness import ServiceProcess, service_config
 
 BUCKET = "bench-failover"
@@ -157,7 +165,9 @@ def report(r: dict[str, Any]) -> str:
     )
 
 
+def main(argv: list[str] | None = None) -> int:
+    return bench_main("failover", parse_args, run, report, argv)
+
+
 if __name__ == "__main__":
-    result = run(parse_args())
-    print(report(result))
-    sys.exit(0 if result["ok"] else 1)
+    sys.exit(main())

@@ -49,15 +49,12 @@ from cefmp4.localservers import JuiceFSGateway, RedisServer, S3Endpoint, Seaweed
 from tests.bench.common import (
     BenchError,
     MiB,
-    command_line,
-    machine,
-    now_iso,
+    bench_main,
     of_stream,
     percentile,
     read_events,
     ts,
     wait_for,
-    write_json,
 )
 from tests.harness import ServiceProcess, service_config
 from tests.mp4gen import make_mp4, record_mdat_patch
@@ -310,22 +307,7 @@ def report(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except BenchError as exc:
-        print(f"latency bench failed: {exc}", file=sys.stderr)
-        return 1
-    payload = {
-        "command": command_line(),
-        "finished_at": now_iso(),
-        "machine": machine(),
-        "benches": {"latency": result},
-    }
-    print(f"command: {payload['command']}")
-    print(report(result))
-    print(f"JSON: {write_json('latency.json', payload)}")
-    return 0 if result["ok"] else 1
+    return bench_main("latency", parse_args, run, report, argv)
 
 
 if __name__ == "__main__":

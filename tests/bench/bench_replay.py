@@ -75,7 +75,7 @@ from cefmp4.localservers import RedisServer
 from projections.live import LiveProjection
 from projections.snapshots import SnapshotStore, encode_snapshot
 from projections.streams import Projection, replay
-from tests.bench.common import BenchError, command_line, machine, now_iso, write_json
+from tests.bench.common import BenchError, bench_main
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 EVENTS_KEY = "bench:events"
@@ -419,22 +419,7 @@ def report(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except BenchError as exc:
-        print(f"replay bench failed: {exc}", file=sys.stderr)
-        return 1
-    payload = {
-        "command": command_line(),
-        "finished_at": now_iso(),
-        "machine": machine(),
-        "benches": {"replay": result},
-    }
-    print(f"command: {payload['command']}")
-    print(report(result))
-    print(f"JSON: {write_json('replay.json', payload)}")
-    return 0 if result["ok"] else 1
+    return bench_main("replay", parse_args, run, report, argv)
 
 
 if __name__ == "__main__":

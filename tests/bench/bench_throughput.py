@@ -63,13 +63,11 @@ from tests.bench.common import (
     MiB,
     PartHasher,
     PySpy,
-    command_line,
+    bench_main,
     cpu_seconds,
     fixed_parts,
     hash_file,
-    machine,
     main_thread_cpu_seconds,
-    now_iso,
     of_stream,
     proc_status_kib,
     read_events,
@@ -77,7 +75,6 @@ from tests.bench.common import (
     tool_version,
     ts,
     wait_for,
-    write_json,
 )
 from tests.harness import ServiceProcess, service_config
 from tests.mp4gen import make_mp4
@@ -519,22 +516,7 @@ def report(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except BenchError as exc:
-        print(f"throughput bench failed: {exc}", file=sys.stderr)
-        return 1
-    payload = {
-        "command": command_line(),
-        "finished_at": now_iso(),
-        "machine": machine(),
-        "benches": {"throughput": result},
-    }
-    print(f"command: {payload['command']}")
-    print(report(result))
-    print(f"JSON: {write_json('throughput.json', payload)}")
-    return 0 if result["ok"] else 1
+    return bench_main("throughput", parse_args, run, report, argv)
 
 
 if __name__ == "__main__":

@@ -330,3 +330,29 @@ def timed() -> Iterator[list[float]]:
         yield box
     finally:
         box.append(time.monotonic() - start)
+
+
+def bench_main(
+    name: str,
+    parse_args: Callable[[list[str] | None], Any],
+    run: Callable[[Any], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+    argv: list[str] | None = None,
+) -> int:
+    """``python -m tests.bench.bench_<name>``: run one bench, print, write JSON."""
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except BenchError as exc:
+        print(f"{name} bench failed: {exc}", file=sys.stderr)
+        return 1
+    payload = {
+        "command": command_line(),
+        "finished_at": now_iso(),
+        "machine": machine(),
+        "benches": {name: result},
+    }
+    print(f"command: {payload['command']}")
+    print(report(result))
+    print(f"JSON: {write_json(f'{name}.json', payload)}")
+    return 0 if result["ok"] else 1

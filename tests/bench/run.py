@@ -5,7 +5,7 @@
     .venv/bin/python -m tests.bench.run --throughput="--size-mib 256 --chunk-mib 16" \\
         --latency="--runs 3 --s3 juicefs" --replay="--events 200000 --streams 2000"
 
-Options inside ``--throughput`` / ``--latency`` / ``--replay`` are those of
+Options inside ``--throughput`` / ``--latency`` / ``--replay`` / ``--failover`` are those of
 ``python -m tests.bench.bench_throughput --help`` / ``bench_latency --help`` /
 ``bench_replay --help``. Each bench starts its own throwaway Redis (and, where
 it needs one, S3 server) under a temp dir and takes well under three minutes
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.bench import bench_latency, bench_replay, bench_throughput
+from tests.bench import bench_failover, bench_latency, bench_replay, bench_throughput
 from tests.bench.common import BenchError, command_line, machine, now_iso, write_json
 
 Bench = tuple[
@@ -34,6 +34,7 @@ BENCHES: dict[str, Bench] = {
     "throughput": (bench_throughput.parse_args, bench_throughput.run, bench_throughput.report),
     "latency": (bench_latency.parse_args, bench_latency.run, bench_latency.report),
     "replay": (bench_replay.parse_args, bench_replay.run, bench_replay.report),
+    "failover": (bench_failover.parse_args, bench_failover.run, bench_failover.report),
 }
 
 
@@ -120,6 +121,16 @@ def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
                 )
             )
         rows.append(("replay: verified", "yes" if rp["ok"] else "NO", "== in-memory replay"))
+    fo = results.get("failover")
+    if fo is not None and "error" not in fo:
+        rows.append(
+            (
+                "failover: kill -9 -> next part",
+                f"{fo['p50_s']:.3f} s",
+                f"p50 of {fo['settings']['runs']}, LEASE_TTL_SECONDS="
+                f"{fo['settings']['LEASE_TTL_SECONDS']:g}, max {fo['max_s']:.3f} s",
+            )
+        )
     for name, result in results.items():
         if "error" in result:
             rows.append((f"{name}: FAILED", "-", result["error"].splitlines()[0][:80]))
@@ -143,9 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput", default="", metavar="ARGS", help="bench_throughput args")
     parser.add_argument("--latency", default="", metavar="ARGS", help="bench_latency args")
     parser.add_argument("--replay", default="", metavar="ARGS", help="bench_replay args")
+    parser.add_argument("--failover", default="", metavar="ARGS", help="bench_failover args")
     args = parser.parse_args(argv)
     selected = args.only or list(BENCHES)
-    options = {"throughput": args.throughput, "latency": args.latency, "replay": args.replay}
+    options = {
+        "throughput": args.throughput,
+        "latency": args.latency,
+        "replay": args.replay,
+        "failover": args.failover,
+    }
     # Parse everything first: a typo should fail before minutes of benchmarking.
     parsed = {name: BENCHES[name][0](shlex.split(options[name])) for name in selected}
     results: dict[str, dict[str, Any]] = {}

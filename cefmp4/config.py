@@ -63,6 +63,14 @@ class Config(
     # snapshot does not cover nor one a consumer group still needs. 0 keeps all.
     event_retention_days: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
+    def __post_init__(self) -> None:
+        if self.settle_seconds > self.stream_timeout_seconds:
+            # The idle timeout would always win, and the MP4 check never run.
+            raise ValueError(
+                f"SETTLE_SECONDS ({self.settle_seconds:g}) must not exceed "
+                f"STREAM_TIMEOUT_SECONDS ({self.stream_timeout_seconds:g})"
+            )
+
     @property
     def watch_root(self) -> Path:
         """WATCH_DIR as an absolute path (msgspec converts no Path from env text)."""
@@ -98,6 +106,8 @@ def _explain(exc: msgspec.ValidationError) -> str:
     # msgspec says "Expected `int` >= 5242880 - at `$.CHUNK_SIZE_BYTES`";
     # lead with the variable, which is what the operator has to fix.
     message = str(exc)
+    if "Expected `bool`" in message:
+        message = message.replace("got `str`", "allowed: true, false, 1, 0")
     if " - at `$." in message:
         what, _, where = message.rpartition(" - at `$.")
         return f"{where.rstrip('`')}: {what}"

@@ -198,3 +198,14 @@ def test_python_dash_m_exits_2_on_bad_config(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "CHUNK_SIZE_BYTES" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_settle_longer_than_timeout_is_refused() -> None:
+    # The idle timeout would always fire first and the MP4 check never decide.
+    with pytest.raises(ConfigError, match=r"^SETTLE_SECONDS .* STREAM_TIMEOUT_SECONDS"):
+        load({"SETTLE_SECONDS": "40", "STREAM_TIMEOUT_SECONDS": "30"}, None)
+
+
+def test_bool_error_says_what_is_allowed() -> None:
+    with pytest.raises(ConfigError, match=r"^WATCH_POLL: .*true, false, 1, 0"):
+        load({"WATCH_POLL": "maybe"}, None)

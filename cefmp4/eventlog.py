@@ -24,6 +24,22 @@ T = TypeVar("T")
 Entry = tuple[str, Event | UnknownEvent]
 
 
+async def call_redis(op: Callable[[], Awaitable[T]], attempts: int | None) -> T:
+    """Run a Redis operation with the project's error translation and retries
+    (``attempts=None``: until Redis answers or the task is cancelled)."""
+    async for attempt in transient(attempts=attempts):
+        with attempt:
+            try:
+                return await op()
+            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+                raise TransientError(f"redis: {exc}") from exc
+            except rexc.BusyLoadingError as exc:  # restarted Redis replaying its AOF
+                raise TransientError(f"redis: {exc}") from exc
+            except rexc.RedisError as exc:
+                raise PermanentError(f"redis: {exc}", reason="redis_error") from exc
+    raise AssertionError("unreachable: tenacity reraises")
+
+
 def _unparsed(response: Any, **_options: Any) -> Any:
     return response
 
@@ -44,17 +60,7 @@ class EventLog:
         self._raw.set_response_callback("XREAD", _unparsed)
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
-        async for attempt in transient(attempts=None):
-            with attempt:
-                try:
-                    return await op()
-                except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-                    raise TransientError(f"redis: {exc}") from exc
-                except rexc.BusyLoadingError as exc:  # restarted Redis replaying its AOF
-                    raise TransientError(f"redis: {exc}") from exc
-                except rexc.RedisError as exc:
-                    raise PermanentError(f"redis: {exc}", reason="redis_error") from exc
-        raise AssertionError("unreachable: tenacity reraises")
+        return await call_redis(op, attempts=None)
 
     async def append(self, event: Event) -> str:
         fields = encode(event, self.replica)
@@ -116,7 +122,3 @@ class EventLog:
     async def ack(self, group: str, *entry_ids: str) -> None:
         if entry_ids:
             await self._call(lambda: self._redis.xack(self.key, group, *entry_ids))
-
-    async def pending_count(self, group: str) -> int:
-        info = await self._call(lambda: self._redis.xpending(self.key, group))
-        return int(info["pending"])

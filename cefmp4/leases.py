@@ -29,8 +29,8 @@ import redis.exceptions as rexc
 import structlog
 
 from cefmp4.errors import TransientError
+from cefmp4.eventlog import call_redis
 from cefmp4.events import Event, encode
-from cefmp4.retry import transient
 from cefmp4.streamlocks import StreamLocks
 
 log = structlog.get_logger(__name__)
@@ -183,26 +183,17 @@ class Fence:
 
     async def append(self, event: Event, replica: str) -> str:
         """Append while the lease holds; Redis blips are retried (the lease's
-        own TTL bounds how long that can go on)."""
-        async for attempt in transient(attempts=None):
-            with attempt:
-                return await self._append_once(event, replica)
-        raise AssertionError("unreachable: tenacity reraises")
-
-    async def _append_once(self, event: Event, replica: str) -> str:
+        own TTL bounds how long that can go on: then the script refuses)."""
         token = self.lease.token
         if token is None:
             raise LeaseLost(self.lease.key)
-        fields = encode(event, replica)
         argv: list[bytes | str] = [token]
-        for name, value in fields.items():
+        for name, value in encode(event, replica).items():
             argv += [name, value]
-        try:
-            entry_id = await self._redis.eval(
-                _FENCED_XADD, 2, self.lease.key, self._events_key, *argv
-            )
-        except REDIS_ERRORS as exc:
-            raise TransientError(f"redis: {exc}") from exc
+        entry_id = await call_redis(
+            lambda: self._redis.eval(_FENCED_XADD, 2, self.lease.key, self._events_key, *argv),
+            attempts=None,
+        )
         if entry_id is None:
             self.lease.token = None
             raise LeaseLost(f"{self.lease.key}: append refused, lease moved on")

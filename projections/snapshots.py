@@ -49,7 +49,7 @@ are an optimisation and must not stall the caller.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
@@ -57,8 +57,8 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
 
-from cefmp4.errors import CefError, PermanentError, TransientError
-from cefmp4.retry import transient
+from cefmp4.errors import CefError, PermanentError
+from cefmp4.eventlog import call_redis
 from projections.streams import Projection
 
 log = structlog.get_logger(__name__)
@@ -203,20 +203,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def _call(op: Callable[[], Awaitable[T]], attempts: int | None) -> T:
-    async for attempt in transient(attempts=attempts):
-        with attempt:
-            try:
-                return await op()
-            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-                raise TransientError(f"redis: {exc}") from exc
-            except rexc.BusyLoadingError as exc:  # restarted Redis replaying its AOF
-                raise TransientError(f"redis: {exc}") from exc
-            except rexc.RedisError as exc:
-                raise PermanentError(f"redis: {exc}", reason="redis_error") from exc
-    raise AssertionError("unreachable: tenacity reraises")
-
-
 class SnapshotStore:
     """Load, save (monotonic) and retention for one deployment's snapshot key."""
 
@@ -228,7 +214,7 @@ class SnapshotStore:
 
     async def load(self) -> Projection | None:
         """The stored projection, or None (missing or unusable: replay the log)."""
-        raw = await _call(lambda: self._redis.get(self.key), attempts=None)
+        raw = await call_redis(lambda: self._redis.get(self.key), attempts=None)
         if raw is None:
             return None
         if not isinstance(raw, bytes):  # only with decode_responses=True, which breaks msgpack
@@ -251,7 +237,7 @@ class SnapshotStore:
     async def save_encoded(self, last_id: str, value: bytes) -> bool:
         """``save`` of ``encode_snapshot``'s output (encode where the cut is consistent)."""
         args: list[bytes | str | int] = [format_id(parse_id(last_id)), value, _HEADER_BYTES]
-        stored = await _call(
+        stored = await call_redis(
             lambda: self._save(keys=[self.key], args=args), attempts=WRITE_ATTEMPTS
         )
         return bool(stored)
@@ -270,7 +256,7 @@ class SnapshotStore:
             trimmed = (added is not None and int(added) > length) or deleted != "0-0"
             return LogInfo(_text(raw["last-generated-id"]), length, trimmed)
 
-        return await _call(info, attempts=None)
+        return await call_redis(info, attempts=None)
 
     async def trim(self, covered_id: str, retention_seconds: float) -> TrimResult:
         """XTRIM MINID: drop entries older than the retention period that the
@@ -288,11 +274,11 @@ class SnapshotStore:
                 groups.append((name, group_bound(pending_min, _text(group["last-delivered-id"]))))
             return seconds * 1000 + micros // 1000, groups
 
-        now_ms, groups = await _call(bounds, attempts=WRITE_ATTEMPTS)
+        now_ms, groups = await call_redis(bounds, attempts=WRITE_ATTEMPTS)
         minid, why = trim_bound(covered_id, now_ms, round(retention_seconds * 1000), groups)
         if minid is None:
             return TrimResult(None, 0, why)
-        removed = await _call(
+        removed = await call_redis(
             lambda: self._redis.xtrim(self.events_key, minid=minid, approximate=False),
             attempts=WRITE_ATTEMPTS,
         )

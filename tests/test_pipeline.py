@@ -472,3 +472,39 @@ async def test_invalid_part_at_completion_reconciles_with_the_store(
     assert state.status == "completed", (state.failure_reason, state.failure_detail)
     assert objects(s3_client, bucket)[state.key] == content
     assert open_uploads(s3_client, bucket) == []
+
+
+async def test_upload_aborted_behind_our_back_is_replaced(
+    make_config: Any, watch: Path, s3_client: Any, bucket: str
+) -> None:
+    """A lifecycle rule (or a person) aborted the stream's multipart upload:
+    NoSuchUpload starts a new upload and every part is sent again."""
+    config = make_config()
+    dst = watch / "lifecycle.mp4"
+    content = os.urandom(12 * MiB)
+    dst.write_bytes(content)
+    async with log_only(config) as (h, service):
+        await service.start()
+        await service.watcher.run_once()
+        groups = {c.group: c for c in service.consumers}
+        await groups["uploaders"].run_once()
+        state = (await h.projection()).for_path(str(dst))
+        assert state is not None and state.upload_id is not None and len(state.parts) == 2
+        s3_client.abort_multipart_upload(Bucket=bucket, Key=state.key, UploadId=state.upload_id)
+        stat = dst.stat()
+        await h.log.append(
+            StreamIdle(
+                stream_id=state.stream_id,
+                at=datetime.now(UTC),
+                size=stat.st_size,
+                mtime_ns=stat.st_mtime_ns,
+                reason="timeout",
+                mp4="invalid",
+            )
+        )
+        await groups["finalizers"].run_once()
+        after = (await h.projection()).streams[state.stream_id]
+    assert after.status == "completed", (after.failure_reason, after.failure_detail)
+    assert after.upload_id != state.upload_id
+    assert objects(s3_client, bucket)[after.key] == content
+    assert open_uploads(s3_client, bucket) == []

@@ -36,9 +36,9 @@ Design
   a summary. ``apply`` aborts them one by one; ``NoSuchUpload`` means someone
   (the service, a lifecycle rule, another gc) was first, which is the goal.
 * Assumptions: this deployment's log owns ``S3_KEY_PREFIX`` in the bucket
-  (another deployment writing under the same prefix would look unknown), and
-  the replayed log is complete: a live stream whose first events were trimmed
-  from it would look unknown too, and its upload would be aborted.
+  (another deployment writing under the same prefix would look unknown). The
+  projection starts from the newest snapshot, as the service's does, so log
+  retention (which never trims past the snapshot) does not hide live streams.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from cefmp4.eventlog import EventLog
 from cefmp4.service import connect
 from cefmp4.storage import ObjectStore, RemoteUpload
 from projections.live import LiveProjection
+from projections.snapshots import SnapshotStore, snapshot_key
 from projections.streams import Projection, StreamState
 
 Action = Literal["abort", "keep"]
@@ -203,8 +204,14 @@ async def run_gc(
     """List, replay, plan, print; abort too if ``apply``. Returns the plan."""
     async with connect(config) as (redis, store):
         uploads = await store.list_uploads(config.s3_key_prefix)  # before the replay
+        # From the snapshot when there is one: with EVENT_RETENTION_DAYS the
+        # log alone may lack the FileSeen of a long-running live stream, whose
+        # upload would then look unknown. Read-only: no snapshot, no trim.
         projection = await LiveProjection(
-            EventLog(redis, config.events_key, config.replica)
+            EventLog(redis, config.events_key, config.replica),
+            snapshots=SnapshotStore(
+                redis, snapshot_key(config.redis_key_prefix), config.events_key
+            ),
         ).catch_up()
         decisions = plan_gc(uploads, projection, now(), older_than)
         where = f"s3://{store.bucket}/{config.s3_key_prefix}"

@@ -120,7 +120,9 @@ class GroupConsumer:
             await self._handler.handle(event)
         except TransientError as exc:
             self._metrics.handler_errors.labels(self.group, "transient").inc()
-            bound.warning("transient failure; message stays pending", error=str(exc))
+            # retry_now=False: a lease held elsewhere, normal with replicas.
+            say = bound.warning if exc.retry_now else bound.info
+            say("not done now; message stays pending", error=str(exc))
             return
         except PermanentError as exc:
             self._metrics.handler_errors.labels(self.group, "permanent").inc()

@@ -20,6 +20,7 @@ Design notes
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Awaitable, Callable
 from datetime import UTC
 from typing import Any, TypeVar
@@ -92,6 +93,44 @@ def translate(exc: BaseException) -> Exception:
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 
 
+class PartBody(io.RawIOBase):
+    """A read-only, seekable file over a part's bytes, without copying them.
+
+    botocore wraps a ``bytes`` body in ``io.BytesIO`` and aiohttp then asks the
+    BytesIO for ``getbuffer()``, which un-shares it: a full second copy of
+    every part in flight (a quarter of the benchmark's peak RSS). Any other
+    file-like is streamed in 64 KiB reads instead.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        buffer[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+
 def _etag(value: str) -> str:
     return value.strip('"')
 
@@ -148,7 +187,7 @@ class S3Store:
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=body,
+                Body=PartBody(body),  # a fresh one per attempt: it is consumed
                 ContentMD5=md5_b64,
             )
         )

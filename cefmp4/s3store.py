@@ -10,7 +10,9 @@ Design notes
   makes botocore's extra work redundant: SigV4 payload hashing is off where the
   protocol allows it (HTTPS; botocore always hashes over plain HTTP) and the
   default CRC32 flexible checksum is only sent when an operation requires it.
-  This halves the client's CPU per byte (see ``task bench``).
+  (``task bench`` measures what is left.)
+* Part bodies are handed over as a seekable file over the part's bytes
+  (``PartBody``), so no layer makes a second full copy of a part in flight.
 * botocore's own retries are off; transient failures are retried here with
   the project's policy, around a per-request timeout so a stalled connection
   cannot hang a stream.

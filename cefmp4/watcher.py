@@ -28,7 +28,17 @@ from cefmp4 import files, mp4
 from cefmp4.deps import Deps
 from cefmp4.events import BytesAvailable, FileDeleted, FileSeen, FileTruncated, StreamIdle
 from cefmp4.leases import Fence
-from cefmp4.watchrules import CheckMp4, Gone, Grew, Idle, Seen, Timing, Truncated, decide
+from cefmp4.watchrules import (
+    Action,
+    CheckMp4,
+    Gone,
+    Grew,
+    Idle,
+    Seen,
+    Timing,
+    Truncated,
+    decide,
+)
 from projections.streams import StreamState
 
 log = structlog.get_logger(__name__)
@@ -197,7 +207,7 @@ class Watcher:
     async def _act(
         self,
         path: str,
-        action: object,
+        action: Action,
         current: files.FileStat | None,
         stream: StreamState | None,
         verdict: mp4.Mp4Verdict | None,

@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import pytest
 
+from cefmp4.config import Config
 from cefmp4.localservers import RedisServer, S3Endpoint, SeaweedS3, make_s3_client
 from tests import mp4gen
+from tests.harness import service_config
 
 Backend = Literal["local", "docker"]
 
@@ -205,3 +207,23 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> mp4gen.Mp4Sources:
 def large_faststart(sources: mp4gen.Mp4Sources, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The faststart version of ``sources.large`` (moov first, every byte shifted)."""
     return mp4gen.remux_faststart(sources.large, tmp_path_factory.mktemp("fs") / "large_fs.mp4")
+
+
+@pytest.fixture
+def watch(tmp_path: Path) -> Path:
+    """An empty WATCH_DIR for one test."""
+    path = tmp_path / "watch"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def make_config(
+    watch: Path, redis_url: str, key_prefix: str, bucket: str, s3_endpoint: S3Endpoint
+) -> Callable[..., Config]:
+    """``make_config(**overrides)``: the test Config (tests/harness.service_config)."""
+
+    def make(**overrides: Any) -> Config:
+        return service_config(watch, redis_url, key_prefix, bucket, s3_endpoint, **overrides)
+
+    return make

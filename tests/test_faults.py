@@ -20,13 +20,12 @@ from typing import Any, BinaryIO
 import pytest
 from prometheus_client import CollectorRegistry
 
-from cefmp4.config import Config
 from cefmp4.events import FileSeen, StreamFailed
 from cefmp4.localservers import RedisServer, S3Endpoint
 from projections.streams import Projection
 from tests import mp4gen
 from tests.faultproxy import FaultProxy
-from tests.harness import MiB, log_only, open_uploads, running, service_config
+from tests.harness import MiB, log_only, open_uploads, running
 from tests.test_pipeline import assert_clean, assert_stored
 
 S3_TIMEOUT = 2.0  # per request; a stall must outlast it
@@ -38,23 +37,6 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real ~16 MiB MP4: three whole 5 MiB parts and a tail."""
     root = tmp_path_factory.mktemp("faults-mp4")
     return mp4gen.make_mp4(root / "16mib.mp4", seconds=2, size_hint_mb=16)
-
-
-@pytest.fixture
-def watch(tmp_path: Path) -> Path:
-    path = tmp_path / "watch"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def make_config(
-    watch: Path, redis_url: str, key_prefix: str, bucket: str, s3_endpoint: S3Endpoint
-) -> Any:
-    def make(**overrides: Any) -> Config:
-        return service_config(watch, redis_url, key_prefix, bucket, s3_endpoint, **overrides)
-
-    return make
 
 
 def assert_no_crash(registry: CollectorRegistry) -> None:

@@ -22,36 +22,19 @@ from typing import Any
 import pytest
 
 from cefmp4.events import FileSeen, PartUploaded, StreamCompleted, StreamFailed, StreamIdle
-from cefmp4.localservers import S3Endpoint
+from cefmp4.service import Service
 from projections.streams import StreamState
 from tests import mp4gen
 from tests.harness import (
     PYTHON,
+    Harness,
     MiB,
     log_only,
     objects,
     open_uploads,
     running,
-    service_config,
     subprocess_env,
 )
-
-
-@pytest.fixture
-def watch(tmp_path: Path) -> Path:
-    path = tmp_path / "watch"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def make_config(
-    watch: Path, redis_url: str, key_prefix: str, bucket: str, s3_endpoint: S3Endpoint
-) -> Any:
-    def make(**overrides: Any) -> Any:
-        return service_config(watch, redis_url, key_prefix, bucket, s3_endpoint, **overrides)
-
-    return make
 
 
 def assert_stored(
@@ -425,23 +408,44 @@ async def test_sidecar_describes_the_first_of_two_completions(
     assert state.metadata_key == "streams/s1/x.mp4.metadata.json"
 
 
+async def two_parts_sent(h: Harness, service: Service, dst: Path) -> StreamState:
+    """One pass of the watcher and the uploaders over a finished 12 MiB file."""
+    await service.start()
+    await service.watcher.run_once()
+    await next(c for c in service.consumers if c.group == "uploaders").run_once()
+    state = (await h.projection()).for_path(str(dst))
+    assert state is not None and state.upload_id is not None and sorted(state.parts) == [1, 2]
+    return state
+
+
+async def finalize_now(h: Harness, service: Service, state: StreamState, dst: Path) -> StreamState:
+    """Say the file is idle (as the watcher would) and run one finalizer pass."""
+    stat = dst.stat()
+    await h.log.append(
+        StreamIdle(
+            stream_id=state.stream_id,
+            at=datetime.now(UTC),
+            size=stat.st_size,
+            mtime_ns=stat.st_mtime_ns,
+            reason="timeout",
+            mp4="invalid",
+        )
+    )
+    await next(c for c in service.consumers if c.group == "finalizers").run_once()
+    return (await h.projection()).streams[state.stream_id]
+
+
 async def test_invalid_part_at_completion_reconciles_with_the_store(
     make_config: Any, watch: Path, s3_client: Any, bucket: str
 ) -> None:
     """The log and the store disagree about a part's ETag (e.g. a part re-sent
     by a replica whose event was lost): completion answers InvalidPart; the
     finalizer lists the parts again, adopts what the store has, completes."""
-    config = make_config()
     dst = watch / "disagree.mp4"
     content = os.urandom(12 * MiB)
     dst.write_bytes(content)
-    async with log_only(config) as (h, service):
-        await service.start()
-        await service.watcher.run_once()
-        groups = {c.group: c for c in service.consumers}
-        await groups["uploaders"].run_once()
-        state = (await h.projection()).for_path(str(dst))
-        assert state is not None and sorted(state.parts) == [1, 2]
+    async with log_only(make_config()) as (h, service):
+        state = await two_parts_sent(h, service, dst)
         part2 = state.parts[2]
         await h.log.append(
             PartUploaded(
@@ -455,20 +459,7 @@ async def test_invalid_part_at_completion_reconciles_with_the_store(
                 md5=part2.md5,
             )
         )
-        # Quiet for longer than the settle time; one watcher pass says idle.
-        stat = dst.stat()
-        await h.log.append(
-            StreamIdle(
-                stream_id=state.stream_id,
-                at=datetime.now(UTC),
-                size=stat.st_size,
-                mtime_ns=stat.st_mtime_ns,
-                reason="timeout",
-                mp4="invalid",
-            )
-        )
-        await groups["finalizers"].run_once()
-        state = (await h.projection()).streams[state.stream_id]
+        state = await finalize_now(h, service, state, dst)
     assert state.status == "completed", (state.failure_reason, state.failure_detail)
     assert objects(s3_client, bucket)[state.key] == content
     assert open_uploads(s3_client, bucket) == []
@@ -479,31 +470,13 @@ async def test_upload_aborted_behind_our_back_is_replaced(
 ) -> None:
     """A lifecycle rule (or a person) aborted the stream's multipart upload:
     NoSuchUpload starts a new upload and every part is sent again."""
-    config = make_config()
     dst = watch / "lifecycle.mp4"
     content = os.urandom(12 * MiB)
     dst.write_bytes(content)
-    async with log_only(config) as (h, service):
-        await service.start()
-        await service.watcher.run_once()
-        groups = {c.group: c for c in service.consumers}
-        await groups["uploaders"].run_once()
-        state = (await h.projection()).for_path(str(dst))
-        assert state is not None and state.upload_id is not None and len(state.parts) == 2
+    async with log_only(make_config()) as (h, service):
+        state = await two_parts_sent(h, service, dst)
         s3_client.abort_multipart_upload(Bucket=bucket, Key=state.key, UploadId=state.upload_id)
-        stat = dst.stat()
-        await h.log.append(
-            StreamIdle(
-                stream_id=state.stream_id,
-                at=datetime.now(UTC),
-                size=stat.st_size,
-                mtime_ns=stat.st_mtime_ns,
-                reason="timeout",
-                mp4="invalid",
-            )
-        )
-        await groups["finalizers"].run_once()
-        after = (await h.projection()).streams[state.stream_id]
+        after = await finalize_now(h, service, state, dst)
     assert after.status == "completed", (after.failure_reason, after.failure_detail)
     assert after.upload_id != state.upload_id
     assert objects(s3_client, bucket)[after.key] == content

@@ -33,6 +33,7 @@ Snapshots (``projections.snapshots``, optional) bound the start-up replay:
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import structlog
 
@@ -87,6 +88,14 @@ class LiveProjection:
             await asyncio.shield(writer)
 
     async def _fold_tail(self) -> None:
+        collecting = gc.isenabled()
+        try:
+            await self._fold_pages()
+        finally:
+            if collecting:
+                gc.enable()
+
+    async def _fold_pages(self) -> None:
         while True:
             entries = await self._events.read_after(self.state.last_id, self._batch)
             for entry_id, event in entries:
@@ -98,6 +107,11 @@ class LiveProjection:
                 self.state.apply(entry_id, event)
             if len(entries) < self._batch:
                 return
+            # A full page: this is a replay (start-up, or a long outage). It
+            # allocates millions of short-lived reply objects, none in cycles;
+            # the cyclic GC walking them cost a fifth of the replay time.
+            # _fold_tail turns it back on when the tail is folded.
+            gc.disable()
 
     async def _restore(self) -> None:
         assert self._snapshots is not None

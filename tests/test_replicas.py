@@ -89,6 +89,38 @@ async def test_three_replicas_one_killed_mid_stream(
     assert len(writers_seen) >= 2, f"only {writers_seen} wrote events: no work was spread"
 
 
+async def test_standby_takes_over_watching_when_the_watcher_dies(
+    config: Any, tmp_path: Path, sources: mp4gen.Mp4Sources, s3_client: Any, bucket: str
+) -> None:
+    replicas = [ServiceProcess(config, tmp_path / f"w{i}.log", f"w{i}") for i in range(2)]
+    for r in replicas:
+        r.start(ready_timeout=30)
+    redis = aioredis.from_url(config.redis_url)
+    lease_key = f"{config.redis_key_prefix}:lease:watcher"
+    watcher: ServiceProcess | None = None
+    try:
+        async with log_only(config) as (h, _service):
+            first = config.watch_root / "before.mp4"
+            first.write_bytes(sources.regular.read_bytes())
+            await h.terminal(first)
+            holder: Any = await redis.get(lease_key)
+            assert holder is not None
+            watcher = next(r for r in replicas if holder.decode().startswith(f"{r.replica_id}:"))
+            watcher.kill()
+            # Dropped while nobody watches: the standby must find it on taking over.
+            second = config.watch_root / "after.mp4"
+            second.write_bytes(sources.large.read_bytes())
+            state = await h.terminal(second, timeout=config.lease_ttl_seconds * 5 + 30)
+            new_holder: Any = await redis.get(lease_key)
+    finally:
+        await redis.aclose()
+        codes = [r.terminate() for r in replicas if r is not watcher]
+    assert watcher is not None and codes == [0]
+    assert new_holder is not None and not new_holder.decode().startswith(f"{watcher.replica_id}:")
+    assert_stored(s3_client, bucket, state, sources.large.read_bytes())
+    assert_clean(s3_client, bucket, 2)
+
+
 async def test_sigterm_mid_upload_exits_cleanly_and_next_start_finishes(
     config: Any, tmp_path: Path, s3_client: Any, bucket: str
 ) -> None:

@@ -191,13 +191,14 @@ class ServiceProcess:
         if ready_timeout is None:
             return
         deadline = time.monotonic() + ready_timeout
-        while "service running" not in self.log_tail(1_000_000):
+        # Ready = the watcher lease is decided: this replica watches (its
+        # first scan is done or under way) or stands by.
+        while not any(line in self.log_tail(1_000_000) for line in ("] watching", "standing by")):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"service exited {self.proc.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"service not running after {ready_timeout}s")
             time.sleep(0.05)
-        time.sleep(0.5)  # the watcher sets up its inotify watch just after
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

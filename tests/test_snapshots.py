@@ -268,10 +268,12 @@ class GatedStore(SnapshotStore):
     def __init__(self, redis: aioredis.Redis, key: str, events_key: str) -> None:
         super().__init__(redis, key, events_key)
         self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
         self.writes: list[str] = []
 
     async def save_encoded(self, last_id: str, value: bytes) -> bool:
         self.writes.append(last_id)
+        self.entered.set()
         await self.gate.wait()
         return await super().save_encoded(last_id, value)
 
@@ -282,7 +284,8 @@ async def test_catch_up_does_not_wait_for_the_snapshot_write(deployment: Deploym
     events = mixed_log()
     first = await deployment.append(events[:5])
     assert (await live.catch_up()).events == 5  # returns while the write waits
-    await asyncio.sleep(0.05)  # the writer runs, and blocks at the gate
+    async with asyncio.timeout(5):
+        await store.entered.wait()  # the writer runs, and blocks at the gate
     assert store.writes == [first[-1]] and await deployment.store.load() is None
     more = await deployment.append(events[5:10])
     assert (await live.catch_up()).events == 10  # due again, but one write at a time

@@ -24,8 +24,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from cefmp4 import config as config_mod
 from cefmp4.config import Config
+from cefmp4.durations import duration
 from cefmp4.errors import ConfigError
-from cefmp4.gc import DEFAULT_OLDER_THAN, duration, run_gc
+from cefmp4.gc import DEFAULT_OLDER_THAN, run_gc
 from cefmp4.localservers import RedisServer, SeaweedS3
 from cefmp4.logsetup import configure
 from cefmp4.memory import return_large_buffers

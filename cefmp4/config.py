@@ -12,16 +12,38 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
 from dotenv import dotenv_values
 
+from cefmp4.durations import duration
 from cefmp4.errors import ConfigError
 from cefmp4.partplan import MAX_PART_SIZE, MIN_PART_SIZE
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+# One hour of log in Redis: at 64 cameras writing 1-minute segments that is
+# ~30k entries, ~15 MB, where keeping everything would grow by ~300 MB a day.
+# An hour is also how long an XREAD follower may be away and still resume
+# from Redis; everything older is in the archive in the bucket.
+DEFAULT_EVENT_RETENTION = timedelta(hours=1)
+
+
+def retention_seconds(text: str) -> float:
+    """``EVENT_RETENTION``: a duration (``90s``, ``24h``, ``7d``) or ``0`` (keep all)."""
+    if text.strip() == "0":
+        return 0.0
+    try:
+        return duration(text).total_seconds()
+    except ValueError:
+        raise ValueError(
+            f"EVENT_RETENTION must be a duration like 90s, 24h or 7d, or 0 to keep all: {text!r}"
+        ) from None
+
+
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 
@@ -57,13 +79,22 @@ class Config(
     shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 20.0
     replica_id: str = ""
     # Projection snapshots (projections.snapshots): one every N folded events
-    # so a restart replays only the tail; 0 disables them.
+    # and at least every SNAPSHOT_INTERVAL_SECONDS while anything changed, so
+    # a restart replays only the tail and a quiet system shrinks too; 0 in
+    # SNAPSHOT_EVERY_EVENTS disables snapshots (and with them, trimming).
     snapshot_every_events: Annotated[int, msgspec.Meta(ge=0)] = 10_000
-    # Trim log entries older than this many days, but never one the latest
-    # snapshot does not cover nor one a consumer group still needs. 0 keeps all.
-    event_retention_days: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    snapshot_interval_seconds: PositiveFloat = 300.0
+    # How long entries stay in Redis (``90s``, ``24h``, ``7d``; ``0`` keeps
+    # all). Older ones are archived to the bucket, then trimmed - never one
+    # the latest snapshot does not cover nor one a consumer group still needs.
+    # Default 1h: see ``DEFAULT_EVENT_RETENTION``. EVENT_RETENTION_DAYS is the
+    # older spelling, used when EVENT_RETENTION is not set.
+    event_retention: str | None = None
+    event_retention_days: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
     def __post_init__(self) -> None:
+        if self.event_retention is not None:
+            retention_seconds(self.event_retention)  # ValueError names the allowed spellings
         if self.settle_seconds > self.stream_timeout_seconds:
             # The idle timeout would always win, and the MP4 check never run.
             raise ValueError(
@@ -75,6 +106,15 @@ class Config(
     def watch_root(self) -> Path:
         """WATCH_DIR as an absolute path (msgspec converts no Path from env text)."""
         return Path(self.watch_dir).resolve()
+
+    @property
+    def event_retention_seconds(self) -> float:
+        """The retention period in seconds; 0 keeps every entry in Redis."""
+        if self.event_retention is not None:
+            return retention_seconds(self.event_retention)
+        if self.event_retention_days is not None:
+            return self.event_retention_days * 86_400
+        return DEFAULT_EVENT_RETENTION.total_seconds()
 
     @property
     def events_key(self) -> str:

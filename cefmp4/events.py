@@ -104,6 +104,10 @@ class StreamFailed(Event, frozen=True, kw_only=True):
 
 
 class FileDeleted(Event, frozen=True, kw_only=True):
+    """The file left the disk. For an open stream: it ends (``deleted``). For a
+    finished one: the projection forgets its record, which keeps the
+    service's state bounded by the files still on disk."""
+
     path: str
 
 
@@ -113,6 +117,14 @@ class FileTruncated(Event, frozen=True, kw_only=True):
 
     path: str
     size: int
+
+
+class RetryRequested(Event, frozen=True, kw_only=True):
+    """An operator asked (``cefmp4 retry``) for another attempt at the failed
+    stream ``stream_id``; the watcher starts a new stream for ``path`` if the
+    file is still there."""
+
+    path: str
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
@@ -128,6 +140,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         StreamFailed,
         FileDeleted,
         FileTruncated,
+        RetryRequested,
     )
 }
 

@@ -14,7 +14,10 @@ Design
   :func:`plan_gc`; everything else here is I/O around it. Each upload gets one
   :class:`GcDecision`: what the log says about it (``reason``) and what to do
   (``action``).
-* What the log says, per upload (matched to streams by object key):
+* What the log says, per upload (matched by object key to the projection's
+  streams and to its records of finished files; a finished stream whose
+  file left the disk is forgotten, so its leftover upload is ``unknown_key``,
+  which aborts it all the same):
 
     - ``unknown_key``: no stream has this key -> abort
     - ``stream_completed``: its stream completed, the object exists -> abort
@@ -43,7 +46,6 @@ Design
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
@@ -53,13 +55,14 @@ import msgspec
 
 from cefmp4.config import Config
 from cefmp4.deps import utcnow
+from cefmp4.durations import human
 from cefmp4.errors import NoSuchUpload
 from cefmp4.eventlog import EventLog
 from cefmp4.service import connect
 from cefmp4.storage import ObjectStore, RemoteUpload
 from projections.live import LiveProjection
 from projections.snapshots import SnapshotStore, snapshot_key
-from projections.streams import Projection, StreamState
+from projections.streams import FileRecord, Projection, StreamState
 
 Action = Literal["abort", "keep"]
 Reason = Literal[
@@ -100,9 +103,12 @@ class GcDecision(msgspec.Struct, frozen=True):
         )
 
 
-def _classify(upload: RemoteUpload, streams: list[StreamState]) -> tuple[Reason, str | None]:
-    """What the log says about ``upload``, given every stream with its key."""
-    live = [s for s in streams if not s.terminal]
+Known = StreamState | FileRecord
+
+
+def _classify(upload: RemoteUpload, streams: list[Known]) -> tuple[Reason, str | None]:
+    """What the log says about ``upload``, given every stream or record with its key."""
+    live = [s for s in streams if isinstance(s, StreamState) and not s.terminal]
     for s in live:
         if s.upload_id == upload.upload_id:
             return "current_upload", s.stream_id
@@ -123,9 +129,10 @@ def plan_gc(
     uploads: list[RemoteUpload], projection: Projection, now: datetime, older_than: timedelta
 ) -> list[GcDecision]:
     """One decision per upload, in the given order (pure; see the module doc)."""
-    by_key: dict[str, list[StreamState]] = {}
-    for s in projection.streams.values():
-        by_key.setdefault(s.key, []).append(s)
+    by_key: dict[str, list[Known]] = {}
+    everything: list[Known] = [*projection.streams.values(), *projection.files.values()]
+    for known in everything:
+        by_key.setdefault(known.key, []).append(known)
     cutoff = now - older_than
     decisions = []
     for upload in uploads:
@@ -134,29 +141,6 @@ def plan_gc(
         action: Action = "abort" if reason in ABORTABLE and old_enough else "keep"
         decisions.append(GcDecision(upload, action, reason, stream_id))
     return decisions
-
-
-_DURATION = re.compile(r"(\d+)([smhd])")
-_UNIT = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def duration(text: str) -> timedelta:
-    """``30m``, ``2h``, ``1d``, ``0s``, ``1h30m`` -> timedelta; ValueError otherwise."""
-    value = text.strip()
-    if not value or _DURATION.sub("", value):
-        raise ValueError(f"not a duration like 30m, 2h, 1d or 0s: {text!r}")
-    total = timedelta()
-    for amount, unit in _DURATION.findall(value):
-        total += timedelta(**{_UNIT[unit]: int(amount)})
-    return total
-
-
-def _human(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
-        if seconds and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def summary(decisions: Iterable[GcDecision], older_than: timedelta, *, gone: int | None) -> str:
@@ -173,7 +157,7 @@ def summary(decisions: Iterable[GcDecision], older_than: timedelta, *, gone: int
     return (
         f"{len(decisions)} multipart upload{'' if len(decisions) == 1 else 's'}: {aborts} {verb}, "
         f"{len(decisions) - aborts} kept ({kept['current_upload']} current, "
-        f"{kept['not_recorded']} not yet recorded, {young} younger than {_human(older_than)})"
+        f"{kept['not_recorded']} not yet recorded, {young} younger than {human(older_than)})"
     )
 
 

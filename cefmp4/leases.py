@@ -3,9 +3,13 @@
 A lease is a key holding the owner's token, set with ``SET NX PX ttl`` and
 renewed by its holder while alive; renew and release are compare-and-set Lua
 scripts, so a holder whose lease expired cannot extend or drop the new
-holder's. Tokens carry a fencing number from ``INCR``: every event a stream's
-holder appends goes through :meth:`Fence.append`, a script that appends only
-if the lease still holds that exact token. A replica that lost its lease (a
+holder's. A token is the owner's name plus 64 random bits, new at every
+acquisition, so no two holders (not even one process before and after a
+restart with the same ``REPLICA_ID``) ever share one; the lease key is the
+only key a lease leaves in Redis, and it expires with its TTL (a per-stream
+counter would have left one key per recording forever). Every event a
+stream's holder appends goes through :meth:`Fence.append`, a script that
+appends only if the lease still holds that exact token. A replica that lost its lease (a
 long pause, a partition) therefore cannot record a completion or a failure,
 and before the two S3 calls that end an upload (complete, abort) it checks the
 lease once more. The store cannot check tokens itself; the remaining window is
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -95,8 +100,7 @@ class Lease:
 
     async def acquire(self) -> bool:
         try:
-            fence = await self._redis.incr(f"{self.key}:fence")
-            token = f"{self.owner}:{fence}"
+            token = f"{self.owner}:{secrets.token_hex(8)}"
             started = self._clock()
             if await self._redis.set(self.key, token, nx=True, px=int(self.ttl * 1000)):
                 self.token = token

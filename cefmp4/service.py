@@ -86,7 +86,14 @@ class Service:
                 redis, snapshot_key(config.redis_key_prefix), config.events_key
             ),
             snapshot_every=config.snapshot_every_events,
-            retention_seconds=config.event_retention_days * 86_400,
+            snapshot_interval=config.snapshot_interval_seconds,
+            retention_seconds=config.event_retention_seconds,
+            trim_lease=Lease(
+                redis,
+                f"{config.redis_key_prefix}:lease:trim",
+                config.replica,
+                config.lease_ttl_seconds,
+            ),
         )
         self.deps = Deps(
             config=config,
@@ -160,6 +167,9 @@ class Service:
                     self._supervise(consumer.group, lambda c=consumer: c.run(stop), stop)  # type: ignore[misc]
                 )
             group.create_task(self._gauge(stop))
+            group.create_task(
+                self._supervise("snapshots", lambda: self.deps.projection.run(stop), stop)
+            )
         log.info("service stopped")
 
     async def _watch(self, stop: asyncio.Event) -> None:

@@ -11,6 +11,18 @@ down are picked up.
 Every look at a path goes through the pure ``watchrules.decide``; this module
 only does the I/O around it: stat, the MP4 box walk (in a thread, cached per
 (size, mtime)), and appending the events.
+
+Cost: a tick looks at the open streams and the paths notifications named,
+nothing else, so it is O(live). A rescan is O(files on disk): the walk and
+every stat run in a worker thread (a slow NFS server blocks that thread, not
+the event loop), and the decisions are made in batches of ``BATCH`` paths
+with a yield between them, so the loop never stalls for long. Paths the
+projection has a finished record for but the walk did not find are stat'ed
+once more before they are forgotten: a listing that missed a file (NFS
+attribute caches) cannot make the service forget a file that is there. The
+per-path memory of this process (last signature, when it last changed, which
+idle was reported, the MP4 verdict) is kept only for paths with an open
+stream.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import structlog
@@ -26,11 +39,12 @@ import watchfiles
 
 from cefmp4 import files, mp4
 from cefmp4.deps import Deps
-from cefmp4.events import BytesAvailable, FileDeleted, FileSeen, FileTruncated, StreamIdle
+from cefmp4.events import BytesAvailable, Event, FileDeleted, FileSeen, FileTruncated, StreamIdle
 from cefmp4.leases import Fence
 from cefmp4.watchrules import (
     Action,
     CheckMp4,
+    Forget,
     Gone,
     Grew,
     Idle,
@@ -39,11 +53,14 @@ from cefmp4.watchrules import (
     Truncated,
     decide,
 )
-from projections.streams import StreamState
+from projections.streams import FileRecord, StreamState
 
 log = structlog.get_logger(__name__)
 
 TEMP_PREFIXES = ("~", ".")
+# Paths decided between two yields to the event loop during a rescan: about
+# 5 ms of work at ~5 us a path.
+BATCH = 1000
 
 
 def is_recording(rel_path: str) -> bool:
@@ -60,6 +77,21 @@ def walk(root: Path) -> Iterator[Path]:
         for name in filenames:
             if is_recording(name):
                 yield Path(dirpath, name)
+
+
+Looked = dict[str, "files.FileStat | files.FileUnreadable | None"]
+
+
+def stat_all(paths: Iterator[str] | list[str] | set[str]) -> Looked:
+    """Stat every path (blocking: run it in a thread). An unreadable one maps
+    to its error, so one bad file costs one log line, not the pass."""
+    out: Looked = {}
+    for path in paths:
+        try:
+            out[path] = files.stat(path)
+        except files.FileUnreadable as exc:
+            out[path] = exc
+    return out
 
 
 class Watcher:
@@ -147,8 +179,17 @@ class Watcher:
             return Path(path).name
 
     async def scan(self) -> None:
-        on_disk = await asyncio.to_thread(lambda: [str(p) for p in walk(self._root)])
-        await self.look(set(on_disk))
+        """Look at every recording on disk, and at every recorded one that is not."""
+
+        def on_disk() -> Looked:
+            return stat_all(str(p) for p in walk(self._root))
+
+        looked = await asyncio.to_thread(on_disk)
+        projection = await self._deps.projection.catch_up()
+        missing = [p for p in projection.files if p not in looked]
+        if missing:  # confirm with a stat of its own: a listing may miss a file
+            looked |= await asyncio.to_thread(stat_all, missing)
+        await self._look_all(looked)
 
     async def look_at_live(self) -> None:
         await self.look(set())
@@ -158,38 +199,51 @@ class Watcher:
         paths |= {s.path for s in projection.live()}
         paths |= self._dirty
         self._dirty.clear()
-        for path in sorted(paths):
-            await self._look_at(path)
+        await self._look_all(await asyncio.to_thread(stat_all, paths))
 
-    async def _look_at(self, path: str) -> None:
-        try:
-            current = files.stat(path)
-        except files.FileUnreadable as exc:
-            log.warning("cannot stat file", path=path, error=str(exc))
-            return
+    async def _look_all(self, looked: Looked) -> None:
+        for n, path in enumerate(sorted(looked), start=1):
+            current = looked[path]
+            if isinstance(current, files.FileUnreadable):
+                log.warning("cannot stat file", path=path, error=str(current))
+            else:
+                await self._look_at(path, current)
+            if n % BATCH == 0:
+                await asyncio.sleep(0)
+
+    def _known(self, path: str) -> StreamState | FileRecord | None:
+        state = self._deps.projection.state
+        return state.for_path(path) or state.files.get(path)
+
+    async def _look_at(self, path: str, current: files.FileStat | None) -> None:
         now = self._clock()
         sig = None if current is None else (current.size, current.mtime_ns, current.inode)
         if sig != self._sig.get(path):
             self._sig[path] = sig if sig is not None else (-1, -1, -1)
             self._changed_at[path] = now
-        stream = self._deps.projection.state.for_path(path)
+        known = self._known(path)
         verdict = None
         for _ in range(2):
             actions = decide(
                 current,
-                stream,
+                known,
                 quiet_for=now - self._changed_at.get(path, now),
                 verdict=verdict,
                 idle_sent=self._idle_sent.get(path),
                 timing=self._timing,
             )
-            if actions != [CheckMp4()]:
+            if actions != [CheckMp4()] or sig is None:
                 break
-            assert sig is not None
             verdict = await self._verdict(path, sig)
         for action in actions:
-            stream = await self._act(path, action, current, stream, verdict)
-        if current is None:
+            event = self._event_for(path, action, current, known, verdict)
+            if event is not None:
+                await self._deps.emit(event, self._fence)
+                if isinstance(action, Seen | Forget):
+                    await self._deps.projection.catch_up()
+                known = self._known(path)
+        if current is None or self._deps.projection.state.for_path(path) is None:
+            # Only open streams need this process's memory of the path.
             for table in (self._sig, self._changed_at, self._idle_sent, self._verdicts):
                 table.pop(path, None)
 
@@ -204,76 +258,67 @@ class Watcher:
         self._verdicts[path] = (sig, verdict)
         return verdict
 
-    async def _act(
+    def _event_for(
         self,
         path: str,
         action: Action,
         current: files.FileStat | None,
-        stream: StreamState | None,
+        known: StreamState | FileRecord | None,
         verdict: mp4.Mp4Verdict | None,
-    ) -> StreamState | None:
-        deps = self._deps
-        now = deps.now()
-        if isinstance(action, Seen):
-            assert current is not None
-            stream_id = self._new_id()
-            rel = self._rel(path)
-            await deps.emit(
-                FileSeen(
-                    stream_id=stream_id,
-                    at=now,
+    ) -> Event | None:
+        """The event that reports ``action``; None when the inputs it needs
+        are missing (decide never asks for that; this keeps the types honest)."""
+        now = self._deps.now()
+        match action, current, known:
+            case Seen(), files.FileStat(), _:
+                return self._seen(path, current, now)
+            case Forget(), None, FileRecord():
+                log.debug("finished recording left the disk", path=path, stream_id=known.stream_id)
+                return FileDeleted(stream_id=known.stream_id, at=now, path=path)
+            case Gone(), None, StreamState():
+                log.info(
+                    "recording deleted before completion", path=path, stream_id=known.stream_id
+                )
+                return FileDeleted(stream_id=known.stream_id, at=now, path=path)
+            case Grew(), files.FileStat(), StreamState():
+                return BytesAvailable(
+                    stream_id=known.stream_id, at=now, size=current.size, mtime_ns=current.mtime_ns
+                )
+            case Truncated(), files.FileStat(), StreamState():
+                log.warning(
+                    "recording truncated or replaced; its content becomes a new stream",
                     path=path,
-                    rel_path=rel,
-                    bucket=self._cfg.s3_bucket_name,
-                    key=f"{self._cfg.s3_key_prefix}{stream_id}/{rel}",
-                    size=current.size,
-                    mtime_ns=current.mtime_ns,
-                    inode=current.inode,
-                ),
-                self._fence,
-            )
-            self._idle_sent.pop(path, None)
-            log.info("new recording", path=path, stream_id=stream_id, size=current.size)
-        elif isinstance(action, Grew):
-            assert current is not None and stream is not None
-            await deps.emit(
-                BytesAvailable(
-                    stream_id=stream.stream_id,
+                    stream_id=known.stream_id,
+                )
+                return FileTruncated(
+                    stream_id=known.stream_id, at=now, path=path, size=current.size
+                )
+            case Idle(reason=reason), files.FileStat(), StreamState() if verdict is not None:
+                self._idle_sent[path] = (current.size, current.mtime_ns)
+                return StreamIdle(
+                    stream_id=known.stream_id,
                     at=now,
                     size=current.size,
                     mtime_ns=current.mtime_ns,
-                ),
-                self._fence,
-            )
-        elif isinstance(action, Gone):
-            assert stream is not None
-            log.info("recording deleted before completion", path=path, stream_id=stream.stream_id)
-            await deps.emit(FileDeleted(stream_id=stream.stream_id, at=now, path=path), self._fence)
-        elif isinstance(action, Truncated):
-            assert current is not None and stream is not None
-            log.warning(
-                "recording truncated or replaced; its content becomes a new stream",
-                path=path,
-                stream_id=stream.stream_id,
-            )
-            await deps.emit(
-                FileTruncated(stream_id=stream.stream_id, at=now, path=path, size=current.size),
-                self._fence,
-            )
-        elif isinstance(action, Idle):
-            assert current is not None and stream is not None and verdict is not None
-            await deps.emit(
-                StreamIdle(
-                    stream_id=stream.stream_id,
-                    at=now,
-                    size=current.size,
-                    mtime_ns=current.mtime_ns,
-                    reason=action.reason,
+                    reason=reason,
                     mp4=verdict.status.value,
                     mp4_reason=verdict.reason,
-                ),
-                self._fence,
-            )
-            self._idle_sent[path] = (current.size, current.mtime_ns)
-        projection = await deps.projection.catch_up()
-        return projection.for_path(path)
+                )
+        return None
+
+    def _seen(self, path: str, current: files.FileStat, now: datetime) -> FileSeen:
+        stream_id = self._new_id()
+        rel = self._rel(path)
+        self._idle_sent.pop(path, None)
+        log.info("new recording", path=path, stream_id=stream_id, size=current.size)
+        return FileSeen(
+            stream_id=stream_id,
+            at=now,
+            path=path,
+            rel_path=rel,
+            bucket=self._cfg.s3_bucket_name,
+            key=f"{self._cfg.s3_key_prefix}{stream_id}/{rel}",
+            size=current.size,
+            mtime_ns=current.mtime_ns,
+            inode=current.inode,
+        )

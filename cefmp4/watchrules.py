@@ -1,18 +1,20 @@
 """What the watcher concludes from one look at one path: a pure function.
 
-Inputs are the file's current stat, the projection's newest stream for the
-path, how long the file has been quiet (as seen by this watcher), the MP4
-verdict if it was computed, and which (size, mtime) this process already
+Inputs are the file's current stat, what the projection knows of the path
+(its newest open stream, or the record of its finished recording), how long
+the file has been quiet (as seen by this watcher), the MP4 verdict if it was
+computed, and which (size, mtime) this process already
 reported idle. The output is a list of actions the watcher turns into events.
 Keeping this pure makes the rules testable exhaustively, and keeps the watcher
 level-triggered: it never needs to remember what it emitted before a restart,
 because the projection says it.
 
 Rules, in order:
-* gone from disk -> ``Gone`` for a live stream;
-* no stream, or new content where a finished one was -> ``Seen`` (a completed
-  object is never overwritten: changed content after completion is a new
-  recording with a new key);
+* gone from disk -> ``Gone`` for a live stream, ``Forget`` for the record of a
+  finished one (so the projection drops it: state follows the disk);
+* no stream, or new content where a finished one was, or a retry asked for a
+  failed one -> ``Seen`` (a completed object is never overwritten: changed
+  content after completion is a new recording with a new key);
 * shrank or replaced (new inode) while live -> ``Truncated`` + ``Seen``;
 * grew or patched -> ``Grew``, coalesced: at once when a new whole part
   exists, otherwise when the file pauses;
@@ -29,7 +31,7 @@ import msgspec
 from cefmp4.files import FileStat
 from cefmp4.mp4 import Mp4Status, Mp4Verdict
 from cefmp4.partplan import whole_part_count
-from projections.streams import StreamState
+from projections.streams import FileRecord, StreamState, record_of
 
 
 class Seen(msgspec.Struct, frozen=True):
@@ -48,6 +50,10 @@ class Truncated(msgspec.Struct, frozen=True):
     pass
 
 
+class Forget(msgspec.Struct, frozen=True):
+    """A finished recording's file left the disk: drop its record."""
+
+
 class CheckMp4(msgspec.Struct, frozen=True):
     """Ask the caller to walk the MP4 boxes and decide again with the verdict."""
 
@@ -56,7 +62,7 @@ class Idle(msgspec.Struct, frozen=True):
     reason: Literal["settled", "timeout"]
 
 
-Action = Seen | Grew | Gone | Truncated | CheckMp4 | Idle
+Action = Seen | Grew | Gone | Truncated | Forget | CheckMp4 | Idle
 
 
 class Timing(msgspec.Struct, frozen=True):
@@ -71,27 +77,24 @@ class Timing(msgspec.Struct, frozen=True):
 
 def decide(
     current: FileStat | None,
-    stream: StreamState | None,
+    stream: StreamState | FileRecord | None,
     *,
     quiet_for: float,
     verdict: Mp4Verdict | None,
     idle_sent: tuple[int, int] | None,
     timing: Timing,
 ) -> list[Action]:
+    if isinstance(stream, StreamState) and stream.terminal:
+        # A terminal stream speaks for its file the way its record does.
+        stream = None if stream.gone == "deleted" else record_of(stream)
+    if isinstance(stream, FileRecord):
+        return _decide_finished(current, stream)
     if current is None:
-        if stream is not None and not stream.terminal and stream.gone is None:
+        if stream is not None and stream.gone is None:
             return [Gone()]
         return []
     if stream is None:
         return [Seen()]
-    if stream.terminal:
-        if stream.completion is not None:
-            ref = (stream.completion.size, stream.completion.mtime_ns)
-        else:
-            ref = (stream.size, stream.mtime_ns)
-        if stream.gone == "deleted" or (current.size, current.mtime_ns) != ref:
-            return [Seen()]
-        return [Seen()] if current.inode != stream.inode else []
     if stream.gone is not None:
         return []  # the uploader is ending it; a new stream follows once it is terminal
     if current.inode != stream.inode or current.size < stream.size:
@@ -112,4 +115,18 @@ def decide(
             return [CheckMp4()]
         if verdict.status is Mp4Status.COMPLETE:
             return [Idle("settled")]
+    return []
+
+
+def _decide_finished(current: FileStat | None, record: FileRecord) -> list[Action]:
+    if current is None:
+        return [Forget()]
+    if record.retry and record.status == "failed":
+        return [Seen()]
+    if (current.size, current.mtime_ns, current.inode) != (
+        record.size,
+        record.mtime_ns,
+        record.inode,
+    ):
+        return [Seen()]
     return []

@@ -1,10 +1,11 @@
-"""The live projection: every replica folds the whole log into memory.
+"""The live projection: every replica folds the log into memory.
 
 It is a cache of the log, never a second source of truth: ``catch_up`` reads
 whatever was appended after the last folded id and folds it with the same pure
 function the start-up replay uses. Consumers call it before each decision, so
 a decision always sees at least the event that triggered it and every outcome
-this replica wrote before.
+this replica wrote before. Its size follows what is live or on disk
+(``projections.streams``), never the length of the history.
 
 Snapshots (``projections.snapshots``, optional) bound the start-up replay:
 
@@ -14,33 +15,46 @@ Snapshots (``projections.snapshots``, optional) bound the start-up replay:
   than any id the log ever generated: the log was deleted and recreated) is
   ignored. Replaying a trimmed log without a snapshot is logged as an error:
   the result lacks the streams whose first events were trimmed.
-* A ``catch_up`` that has folded ``snapshot_every`` events or more since the
-  snapshot this replica last loaded or wrote starts a new one, at its end
-  (never mid-replay). Every replica may; the store keeps the newest.
-* The cut is taken inside ``catch_up``, under the lock: the mutable
-  ``Projection`` is encoded there, so the bytes are one consistent state.
-  Encoding is CPU work that blocks the event loop (about 0.2 s for 10k
-  streams with 470k parts, see ``tests/bench/bench_replay.py``); the Redis
-  write and the retention trim that follows it run in a background task, so
-  ``catch_up`` does not wait for them. One write at a time: while one is in
-  flight, the next ``catch_up`` that finds a snapshot due leaves it for later.
-* A failed write or trim is logged and tried again after another
-  ``snapshot_every`` events; it never fails ``catch_up``, whose contract is
-  unchanged: it returns the projection with every entry appended before the
-  call folded in. ``flush`` waits for the write in flight (tests, shutdown).
+* A snapshot is cut when ``snapshot_every`` events were folded since the last
+  one this replica loaded or wrote (at the end of a ``catch_up``, never
+  mid-replay), and by ``run``'s timer every ``snapshot_interval`` seconds if
+  anything was folded since: a quiet system is snapshotted, and so trimmed,
+  too. Every replica may snapshot; the store keeps the newest.
+* The cut is taken under the lock, as shallow copies of the projection's
+  three dicts (their values are immutable, so the copies are one consistent
+  state; copying 100k entries takes a few milliseconds). Encoding, the Redis
+  write and the retention trim run in background tasks, encoding in a worker
+  thread, so neither ``catch_up`` nor the event loop waits for them. One
+  write at a time: while one is in flight, a snapshot that falls due waits
+  for the next trigger.
+* Retention: after a snapshot is stored, entries older than
+  ``retention_seconds`` that the snapshot covers and no consumer group still
+  needs are archived (``archive``, when given: the bucket keeps the audit
+  trail) and then trimmed. Only the replica holding ``trim_lease`` trims, so
+  replicas do not archive the same entries twice; a trim runs beside the
+  snapshot writes, so an archive that waits for S3 (a blocked deployment)
+  never holds up the next snapshot.
+* A failed write or trim is logged and tried again at the next trigger; it
+  never fails ``catch_up``, whose contract is unchanged: it returns the
+  projection with every entry appended before the call folded in. ``flush``
+  waits for the write and the trim in flight (tests, shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import time
+from collections.abc import Callable
 
 import structlog
 
 from cefmp4.errors import CefError
 from cefmp4.eventlog import EventLog
 from cefmp4.events import UnknownEvent
-from projections.snapshots import SnapshotStore, encode_snapshot, parse_id
+from cefmp4.leases import Lease
+from projections.snapshots import Archiver, SnapshotStore, encode_snapshot, parse_id
 from projections.streams import Projection
 
 log = structlog.get_logger(__name__)
@@ -54,17 +68,26 @@ class LiveProjection:
         *,
         snapshots: SnapshotStore | None = None,
         snapshot_every: int = 0,
+        snapshot_interval: float = 300.0,
         retention_seconds: float = 0.0,
+        archive: Archiver | None = None,
+        trim_lease: Lease | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._events = events
         self._batch = batch
         self._lock = asyncio.Lock()
         self._snapshots = snapshots
         self._every = snapshot_every if snapshots is not None else 0
+        self._interval = snapshot_interval
         self._retention = retention_seconds if self._every else 0.0
+        self._archive = archive
+        self._trim_lease = trim_lease
+        self._clock = monotonic
         self._restored = snapshots is None
         self._events_at_snapshot = 0  # state.events when a snapshot was last loaded or cut
         self._writer: asyncio.Task[None] | None = None
+        self._trimmer: asyncio.Task[None] | None = None
         self.state = Projection()
         if retention_seconds > 0 and not self._every:
             log.warning(
@@ -81,11 +104,29 @@ class LiveProjection:
                 self._start_snapshot()
             return self.state
 
+    async def run(self, stop: asyncio.Event) -> None:
+        """Snapshot (and so trim) on a timer until ``stop``, so that a quiet
+        system shrinks too; the count trigger lives in ``catch_up``."""
+        if not self._every:
+            return
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await stop.wait()
+            async with self._lock:
+                if not self._restored:
+                    await self._restore()
+                await self._fold_tail()
+                if self.state.events > self._events_at_snapshot and self._writer_free():
+                    self._start_snapshot()
+        await self.flush()
+
     async def flush(self) -> None:
-        """Wait until the snapshot write in flight, if any, has finished."""
-        writer = self._writer
-        if writer is not None:
-            await asyncio.shield(writer)
+        """Wait until the snapshot write and the trim in flight, if any, have finished."""
+        # A write may start a trim as it ends: look again until both are done.
+        # Their errors are their own (logged, or _report_crash), not the caller's.
+        while pending := [t for t in (self._writer, self._trimmer) if t and not t.done()]:
+            await asyncio.wait(pending)
 
     async def _fold_tail(self) -> None:
         collecting = gc.isenabled()
@@ -145,32 +186,53 @@ class LiveProjection:
     def _snapshot_due(self) -> bool:
         if not self._every or self.state.events - self._events_at_snapshot < self._every:
             return False
+        return self._writer_free()
+
+    def _writer_free(self) -> bool:
         return self._writer is None or self._writer.done()
 
     def _start_snapshot(self) -> None:
-        self._events_at_snapshot = self.state.events  # on failure: retry after another N
-        last_id = self.state.last_id
-        value = encode_snapshot(self.state)  # the consistent cut: before the next fold
-        self._writer = asyncio.create_task(self._write(last_id, value, self.state.events))
+        """Cut a consistent copy now (under the lock); encode and write it later."""
+        self._events_at_snapshot = self.state.events  # on failure: retry at the next trigger
+        state = self.state
+        cut = Projection(
+            streams=dict(state.streams),
+            by_path=dict(state.by_path),
+            files=dict(state.files),
+            last_id=state.last_id,
+            events=state.events,
+        )
+        self._writer = asyncio.create_task(self._write(cut))
         self._writer.add_done_callback(_report_crash)
 
-    async def _write(self, last_id: str, value: bytes, events: int) -> None:
+    async def _write(self, cut: Projection) -> None:
         assert self._snapshots is not None
+        value = await asyncio.to_thread(encode_snapshot, cut)
         try:
-            stored = await self._snapshots.save_encoded(last_id, value)
+            stored = await self._snapshots.save_encoded(cut.last_id, value)
         except CefError as exc:  # translated Redis errors, after the retries
-            log.warning("snapshot not written", last_id=last_id, error=str(exc))
+            log.warning("snapshot not written", last_id=cut.last_id, error=str(exc))
             return
         log.info(
             "snapshot written" if stored else "a newer snapshot is stored",
-            last_id=last_id,
-            events=events,
+            last_id=cut.last_id,
+            events=cut.events,
+            streams=len(cut.streams),
+            files=len(cut.files),
             size=len(value),
         )
-        if self._retention <= 0:
-            return
+        if self._retention > 0 and (self._trimmer is None or self._trimmer.done()):
+            self._trimmer = asyncio.create_task(self._trim(cut.last_id))
+            self._trimmer.add_done_callback(_report_crash)
+
+    async def _trim(self, covered_id: str) -> None:
+        assert self._snapshots is not None
+        lease = self._trim_lease
+        if lease is not None and not await lease.acquire():
+            return  # another replica archives and trims this round
         try:
-            result = await self._snapshots.trim(last_id, self._retention)
+            async with lease.kept() if lease is not None else contextlib.nullcontext():
+                result = await self._snapshots.trim(covered_id, self._retention, self._archive)
         except CefError as exc:
             log.warning("event log not trimmed", error=str(exc))
             return

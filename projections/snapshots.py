@@ -32,7 +32,10 @@ Retention (``trim``): ``XTRIM MINID`` to the smallest of
 * now (Redis' clock, which made the ids) minus the retention period,
 * for every consumer group, its oldest pending entry, else its last
   delivered id: an entry a group has not acknowledged is work not yet done,
-  and trimming it would silently drop that work.
+  and trimming it would silently drop that work;
+* the entry after the last one archived, when an ``archive`` is given: the
+  caller's archiver is asked to archive everything below the other bounds
+  first (``cefmp4.archive``), and what it could not archive stays.
 
 MINID keeps the bound itself, so the entry at the snapshot's ``last_id``
 stays. Bounds only move forward (groups advance, time advances, snapshots
@@ -49,7 +52,7 @@ are an optimisation and must not stall the caller.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
@@ -65,13 +68,18 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+# 2: the projection holds open streams and records of finished files (v1 held
+# every stream ever); a v1 snapshot is ignored and the log replayed.
+SCHEMA_VERSION = 2
 # Attempts for the optional writes (snapshot, trim); loading retries forever.
 WRITE_ATTEMPTS = 3
 # Enough of the value for the header: 1 (array) + 9 (schema) + 2 + 41 (id).
 _HEADER_BYTES = 64
 
 StreamId = tuple[int, int]
+# Archive every entry older than the given id; return the id through which the
+# log is archived ("0-0": nothing). See cefmp4.archive.archive_through.
+Archiver = Callable[[str], Awaitable[str]]
 
 
 class UnusableSnapshot(CefError):
@@ -100,7 +108,7 @@ class LogInfo(NamedTuple):
 class TrimResult(NamedTuple):
     minid: str | None  # None: nothing may be trimmed yet
     removed: int
-    limited_by: str  # "snapshot", "retention" or "group <name>"
+    limited_by: str  # "snapshot", "retention", "archive" or "group <name>"
 
 
 # -- pure functions -----------------------------------------------------------
@@ -258,9 +266,12 @@ class SnapshotStore:
 
         return await call_redis(info, attempts=None)
 
-    async def trim(self, covered_id: str, retention_seconds: float) -> TrimResult:
+    async def trim(
+        self, covered_id: str, retention_seconds: float, archive: Archiver | None = None
+    ) -> TrimResult:
         """XTRIM MINID: drop entries older than the retention period that the
-        snapshot at ``covered_id`` covers and no consumer group still needs."""
+        snapshot at ``covered_id`` covers, no consumer group still needs and,
+        with ``archive``, that are archived (it is asked to archive them first)."""
 
         async def bounds() -> tuple[int, list[tuple[str, str]]]:
             seconds, micros = await self._redis.time()
@@ -278,6 +289,11 @@ class SnapshotStore:
         minid, why = trim_bound(covered_id, now_ms, round(retention_seconds * 1000), groups)
         if minid is None:
             return TrimResult(None, 0, why)
+        if archive is not None:
+            archived = parse_id(await archive(minid))
+            after_archived = (archived[0], archived[1] + 1)
+            if after_archived < parse_id(minid):
+                minid, why = format_id(after_archived), "archive"
         removed = await call_redis(
             lambda: self._redis.xtrim(self.events_key, minid=minid, approximate=False),
             attempts=WRITE_ATTEMPTS,

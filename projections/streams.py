@@ -7,9 +7,29 @@ apart. Facts that no longer matter (a part of an upload that was replaced, a
 byte count after the stream ended) are ignored rather than rejected, because
 at-least-once delivery and several writers make such late facts normal.
 
-``Projection`` is the container: every stream by id, the newest stream for
-each path (what the watcher compares the disk against), and the id of the last
-entry folded (where a follower resumes XREAD).
+``Projection`` is the container, and its size follows what is live or on
+disk, never how much was handled before (a recorder box hands the service
+tens of thousands of recordings a day, for months):
+
+* ``streams``: the open streams by id, plus completed ones until their sidecar
+  is written (the metadata consumer still needs their parts). A stream that
+  is settled - failed, or completed with its sidecar written or given up on -
+  is *retired*: it leaves ``streams``.
+* ``by_path``: the newest open stream of each path (what the watcher compares
+  the disk against).
+* ``files``: for each path whose newest stream finished and whose file is still
+  on disk, a compact ``FileRecord``: just what a decision about that file still
+  needs (which stream, which key, the size/mtime/inode it had, completed or
+  failed). It goes when the file goes: the watcher appends ``FileDeleted`` for
+  the record when the file is gone from disk (a notification or a rescan).
+* ``last_id``/``events``: the last entry folded (where a follower resumes XREAD).
+
+A late duplicate ``FileSeen`` of a retired stream whose record is still there
+is recognised by its stream id and ignored (the first fact stands). One whose
+record is gone too (the file was deleted) would start the stream again; the
+watcher then finds no file and fails it as ``deleted``: noise, never a wrong
+object. Duplicates are appended within seconds of the original (a retried
+XADD), long before a stream can retire, so this does not happen in practice.
 """
 
 from __future__ import annotations
@@ -29,6 +49,7 @@ from cefmp4.events import (
     MetadataWritten,
     Mp4State,
     PartUploaded,
+    RetryRequested,
     StreamCompleted,
     StreamFailed,
     StreamIdle,
@@ -98,6 +119,39 @@ class StreamState(msgspec.Struct, frozen=True, gc=False):
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def settled(self) -> bool:
+        """Nothing more will happen to it: failed, or completed and its sidecar
+        written (or given up on: a StreamFailed after the completion)."""
+        if self.status == "failed":
+            return True
+        return self.status == "completed" and (
+            self.metadata_key is not None or self.failure_reason is not None
+        )
+
+
+class FileRecord(msgspec.Struct, frozen=True, gc=False):
+    """A finished recording whose file is still on disk: what the watcher needs
+    to tell "unchanged, nothing to do" from "new content, a new recording"."""
+
+    stream_id: str
+    key: str
+    status: Literal["completed", "failed"]
+    size: int  # of the completed object; for a failed stream, the last size seen
+    mtime_ns: int
+    inode: int
+    failure_reason: str | None = None
+    retry: bool = False  # ``cefmp4 retry`` asked for another attempt
+
+
+def record_of(s: StreamState) -> FileRecord:
+    """The compact record of a terminal stream."""
+    if s.completion is not None:
+        return FileRecord(
+            s.stream_id, s.key, "completed", s.completion.size, s.completion.mtime_ns, s.inode
+        )
+    return FileRecord(s.stream_id, s.key, "failed", s.size, s.mtime_ns, s.inode, s.failure_reason)
+
 
 def fold(state: StreamState | None, event: Event) -> StreamState | None:
     """The state after ``event``; ``None`` while the stream is unknown."""
@@ -139,8 +193,12 @@ def fold(state: StreamState | None, event: Event) -> StreamState | None:
         case MetadataWritten():
             return replace(state, metadata_key=event.key)
         case StreamFailed():
-            if state.status == "completed":  # an object exists; that fact wins
-                return state
+            if state.status == "completed":
+                # An object exists; that fact wins. What failed is its sidecar:
+                # remember why, which also settles the stream.
+                if state.failure_reason is not None:
+                    return state
+                return replace(state, failure_reason=event.reason, failure_detail=event.detail)
             return replace(
                 state, status="failed", failure_reason=event.reason, failure_detail=event.detail
             )
@@ -176,28 +234,66 @@ def fold(state: StreamState | None, event: Event) -> StreamState | None:
 
 
 class Projection(msgspec.Struct):
-    """All streams, folded. Mutable container of immutable states."""
+    """Open streams, finished files on disk, folded. Mutable container of
+    immutable states; see the module docstring for what each part holds."""
 
     streams: dict[str, StreamState] = msgspec.field(default_factory=dict)
     by_path: dict[str, str] = msgspec.field(default_factory=dict)
+    files: dict[str, FileRecord] = msgspec.field(default_factory=dict)
     last_id: str = "0-0"
     events: int = 0
 
     def apply(self, entry_id: str, event: Event) -> None:
-        old = self.streams.get(event.stream_id)
-        new = fold(old, event)
-        if new is not None:
-            self.streams[event.stream_id] = new
-            if old is None:  # a FileSeen that created a stream: newest for its path
-                self.by_path[new.path] = new.stream_id
         self.last_id = entry_id
         self.events += 1
+        old = self.streams.get(event.stream_id)
+        if old is None and isinstance(event, FileSeen) and self._is_finished(event):
+            return  # a late duplicate of a retired stream's first fact
+        new = fold(old, event)
+        if new is not None:
+            if old is None:  # a FileSeen that created a stream: newest for its path
+                self.by_path[new.path] = new.stream_id
+            if new.terminal and (old is None or not old.terminal):
+                self._finished(new)
+            if new.settled:
+                self.streams.pop(new.stream_id, None)
+            else:
+                self.streams[new.stream_id] = new
+        if isinstance(event, FileDeleted | RetryRequested):
+            self._file_event(event)
+
+    def _is_finished(self, event: FileSeen) -> bool:
+        record = self.files.get(event.path)
+        return record is not None and record.stream_id == event.stream_id
+
+    def _finished(self, s: StreamState) -> None:
+        """``s`` just became terminal. Only the newest stream of a path speaks
+        for the file; an older one (displaced by a truncation) says nothing."""
+        if self.by_path.get(s.path) != s.stream_id:
+            return
+        del self.by_path[s.path]
+        if s.gone == "deleted":
+            self.files.pop(s.path, None)
+        else:
+            self.files[s.path] = record_of(s)
+
+    def _file_event(self, event: FileDeleted | RetryRequested) -> None:
+        record = self.files.get(event.path)
+        if record is None or record.stream_id != event.stream_id:
+            return
+        if isinstance(event, FileDeleted):
+            del self.files[event.path]
+        elif record.status == "failed":
+            self.files[event.path] = msgspec.structs.replace(record, retry=True)
 
     def for_path(self, path: str) -> StreamState | None:
+        """The newest open stream of ``path``."""
         stream_id = self.by_path.get(path)
         return None if stream_id is None else self.streams.get(stream_id)
 
     def live(self) -> list[StreamState]:
+        """Open streams: O(live), whatever the history (``streams`` holds no
+        retired ones)."""
         return [s for s in self.streams.values() if not s.terminal]
 
 

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from cefmp4.eventlog import EventLog
 from cefmp4.events import Event, UnknownEvent
 from cefmp4.localservers import S3Endpoint
 from cefmp4.service import Service, connect
-from projections.streams import Projection, StreamState, replay
+from projections.streams import StreamState, fold
 
 MiB = 1024 * 1024
 
@@ -72,6 +72,34 @@ def subprocess_env(config: Config) -> dict[str, str]:
 PYTHON = sys.executable
 
 
+class History:
+    """Every stream the log ever had, for assertions about finished ones.
+
+    The service's ``Projection`` retires settled streams (its state follows
+    what is live or on disk); a test wants to look at a stream after it
+    finished, so it folds the whole log with the same pure ``fold`` and keeps
+    everything. ``by_path`` is the newest stream created for each path.
+    """
+
+    def __init__(self, entries: Iterable[tuple[str, Event]] = ()) -> None:
+        self.streams: dict[str, StreamState] = {}
+        self.by_path: dict[str, str] = {}
+        for _entry_id, event in entries:
+            old = self.streams.get(event.stream_id)
+            new = fold(old, event)
+            if new is not None:
+                self.streams[new.stream_id] = new
+                if old is None:
+                    self.by_path[new.path] = new.stream_id
+
+    def for_path(self, path: str) -> StreamState | None:
+        stream_id = self.by_path.get(path)
+        return None if stream_id is None else self.streams.get(stream_id)
+
+    def live(self) -> list[StreamState]:
+        return [s for s in self.streams.values() if not s.terminal]
+
+
 class Harness:
     def __init__(
         self, config: Config, redis: aioredis.Redis, registry: CollectorRegistry | None = None
@@ -84,12 +112,12 @@ class Harness:
         entries = await self.log.read_after("0-0", count=1_000_000)
         return [(i, e) for i, e in entries if not isinstance(e, UnknownEvent)]
 
-    async def projection(self) -> Projection:
-        return replay(await self.events())
+    async def projection(self) -> History:
+        return History(await self.events())
 
     async def until(
-        self, condition: Callable[[Projection], bool], *, timeout: float = 60.0, what: str = ""
-    ) -> Projection:
+        self, condition: Callable[[History], bool], *, timeout: float = 60.0, what: str = ""
+    ) -> History:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -104,7 +132,7 @@ class Harness:
     async def terminal(self, path: Path, *, timeout: float = 60.0) -> StreamState:
         """Wait until the newest stream of ``path`` completed (with sidecar) or failed."""
 
-        def done(p: Projection) -> bool:
+        def done(p: History) -> bool:
             s = p.for_path(str(path))
             return s is not None and (s.status == "failed" or s.metadata_key is not None)
 

@@ -22,10 +22,9 @@ from prometheus_client import CollectorRegistry
 
 from cefmp4.events import FileSeen, StreamFailed
 from cefmp4.localservers import RedisServer, S3Endpoint
-from projections.streams import Projection
 from tests import mp4gen
 from tests.faultproxy import FaultProxy
-from tests.harness import MiB, log_only, open_uploads, running
+from tests.harness import History, MiB, log_only, open_uploads, running
 from tests.test_pipeline import assert_clean, assert_stored
 
 S3_TIMEOUT = 2.0  # per request; a stall must outlast it
@@ -60,8 +59,8 @@ async def write(f: BinaryIO, data: bytes, *, step: int = 256 * 1024) -> None:
         await asyncio.sleep(0.01)
 
 
-def has_part(path: Path, number: int) -> Callable[[Projection], bool]:
-    def condition(p: Projection) -> bool:
+def has_part(path: Path, number: int) -> Callable[[History], bool]:
+    def condition(p: History) -> bool:
         s = p.for_path(str(path))
         return s is not None and number in s.parts
 

@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cefmp4 import cli
+from cefmp4.durations import duration
 from cefmp4.errors import NoSuchUpload
 from cefmp4.events import (
     BytesAvailable,
@@ -39,7 +40,6 @@ from cefmp4.gc import (
     DEFAULT_OLDER_THAN,
     GcDecision,
     apply_plan,
-    duration,
     plan_gc,
     run_gc,
 )
@@ -213,7 +213,9 @@ def test_plan_is_safe_on_any_log(
     decisions = plan_gc(remote, projection, NOW, older_than)
     assert [d.upload for d in decisions] == remote
     live = [s for s in projection.streams.values() if not s.terminal]
-    known = {s.key for s in projection.streams.values()}
+    known = {s.key for s in projection.streams.values()} | {
+        r.key for r in projection.files.values()
+    }
     for d in decisions:
         u = d.upload
         old_enough = u.initiated <= NOW - older_than

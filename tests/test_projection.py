@@ -25,12 +25,13 @@ from cefmp4.events import (
     FileTruncated,
     MetadataWritten,
     PartUploaded,
+    RetryRequested,
     StreamCompleted,
     StreamFailed,
     StreamIdle,
     UploadStarted,
 )
-from projections.streams import Projection, StreamState, fold, replay
+from projections.streams import FileRecord, Projection, StreamState, fold, record_of, replay
 
 PROPERTY = settings(max_examples=150, deadline=None)
 
@@ -104,6 +105,7 @@ events: st.SearchStrategy[Event] = st.one_of(
     st.builds(StreamFailed, **common, reason=short, detail=short),
     st.builds(FileDeleted, **common, path=paths),
     st.builds(FileTruncated, **common, path=paths, size=small),
+    st.builds(RetryRequested, **common, path=paths),
 )
 # FileSeen is over-represented so that most sequences have live streams for the
 # other events to act on; without it most events would hit unknown streams.
@@ -217,11 +219,15 @@ def test_completion_never_changes_once_completed(log: list[Event]) -> None:
 
 
 def test_stream_failed_does_not_override_completed() -> None:
+    # After a completion, a failure can only be about the sidecar: the
+    # completion stands, the reason is kept, and the stream is settled.
     state = fold(None, seen("s1", "/w/a.mp4"))
     done = fold(state, completed("s1", etag="e1"))
     after = fold(done, StreamFailed(stream_id="s1", at=T0, reason="s3_denied"))
-    assert after is not None and after == done
-    assert after.status == "completed" and after.failure_reason is None
+    assert done is not None and not done.settled
+    assert after is not None and after.completion == done.completion
+    assert after.status == "completed" and after.failure_reason == "s3_denied"
+    assert after.settled
 
 
 def test_second_completion_does_not_replace_the_first() -> None:
@@ -314,21 +320,119 @@ def test_duplicate_file_seen_does_not_reset_a_stream(log: list[Event]) -> None:
                 assert state is previous
 
 
-@PROPERTY
-@given(log=logs)
-def test_by_path_points_at_newest_stream_created_for_the_path(log: list[Event]) -> None:
-    expected: dict[str, str] = {}
-    created: set[str] = set()
+def realistic(log: list[Event]) -> list[Event]:
+    """``log`` without the facts about a stream that cannot follow its end in
+    a real log: once a stream settled (failed, or completed with its sidecar
+    written) its lease holder wrote its last event, and a duplicate FileSeen
+    is a retried XADD, appended seconds after the original. What can still
+    come is about its file (FileDeleted, RetryRequested) or a duplicate of an
+    unfenced sidecar write (MetadataWritten)."""
+    streams: dict[str, StreamState] = {}
+    out: list[Event] = []
     for event in log:
-        if isinstance(event, FileSeen) and event.stream_id not in created:
-            created.add(event.stream_id)
-            expected[event.path] = event.stream_id
+        old = streams.get(event.stream_id)
+        late_ok = isinstance(event, FileDeleted | RetryRequested | MetadataWritten)
+        if old is not None and old.settled and not late_ok:
+            continue
+        new = fold(old, event)
+        if new is not None:
+            streams[new.stream_id] = new
+        out.append(event)
+    return out
+
+
+def reference(log: list[Event]) -> tuple[dict[str, StreamState], dict[str, str]]:
+    """Every stream ever and the newest stream created per path: the unbounded
+    model the bounded projection is checked against."""
+    streams: dict[str, StreamState] = {}
+    newest: dict[str, str] = {}
+    for event in log:
+        old = streams.get(event.stream_id)
+        new = fold(old, event)
+        if new is not None:
+            streams[new.stream_id] = new
+            if old is None:
+                newest[new.path] = new.stream_id
+    return streams, newest
+
+
+@PROPERTY
+@given(log=logs.map(realistic))
+def test_projection_holds_what_is_open_or_on_disk(log: list[Event]) -> None:
+    everything, newest = reference(log)
     projection = replay(entries(log))
-    assert projection.by_path == expected
-    for path, stream_id in expected.items():
+    # Streams: exactly the ones not settled, with the same state as the model.
+    assert projection.streams == {i: s for i, s in everything.items() if not s.settled}
+    # by_path: the newest stream of a path while it is open.
+    assert projection.by_path == {
+        path: i for path, i in newest.items() if not everything[i].terminal
+    }
+    for path, stream_id in projection.by_path.items():
         found = projection.for_path(path)
         assert found is not None and found.stream_id == stream_id and found.path == path
-    assert set(projection.streams) == created
+    # files: a record only for a path whose newest stream is finished, and it
+    # describes that stream; none for a path whose file was reported gone.
+    for path, record in projection.files.items():
+        s = everything[record.stream_id]
+        assert s.terminal and record == _without_retry(record_of(s), record)
+        # The newest stream, or an older one while a newer is still open.
+        assert newest[path] == record.stream_id or path in projection.by_path
+    for path, stream_id in newest.items():
+        s = everything[stream_id]
+        if path not in projection.files and s.terminal:
+            # Gone: deleted while live, or reported deleted after it finished,
+            # or it ended while displaced (a record needs the newest stream).
+            deleted_after = any(
+                isinstance(e, FileDeleted) and e.stream_id == stream_id and e.path == path
+                for e in log
+            )
+            assert s.gone == "deleted" or deleted_after
+
+
+def _without_retry(expected: FileRecord, got: FileRecord) -> FileRecord:
+    return msgspec.structs.replace(expected, retry=got.retry)
+
+
+@PROPERTY
+@given(log=logs.map(realistic))
+def test_state_is_bounded_by_open_streams_and_files(log: list[Event]) -> None:
+    # Finish every stream and delete every file: nothing may be left.
+    projection = replay(entries(log))
+    tail: list[Event] = []
+    for s in list(projection.streams.values()):
+        if not s.terminal:
+            tail.append(StreamFailed(stream_id=s.stream_id, at=T0, reason="x"))
+        tail.append(MetadataWritten(stream_id=s.stream_id, at=T0, key="m", duration_seconds=None))
+    for event in tail:
+        projection.apply("9-0", event)
+    for path, record in list(projection.files.items()):
+        projection.apply("9-1", FileDeleted(stream_id=record.stream_id, at=T0, path=path))
+    assert projection.streams == {} and projection.by_path == {} and projection.files == {}
+
+
+def test_retry_marks_only_the_failed_record_it_names() -> None:
+    log: list[Event] = [
+        seen("s1", "/w/a.mp4"),
+        StreamFailed(stream_id="s1", at=T0, reason="unreadable"),
+        RetryRequested(stream_id="other", at=T0, path="/w/a.mp4"),
+    ]
+    projection = replay(entries(log))
+    assert projection.files["/w/a.mp4"].retry is False
+    projection.apply("9-0", RetryRequested(stream_id="s1", at=T0, path="/w/a.mp4"))
+    assert projection.files["/w/a.mp4"].retry is True
+    assert projection.files["/w/a.mp4"].failure_reason == "unreadable"
+
+
+def test_late_duplicate_file_seen_of_a_retired_stream_is_ignored() -> None:
+    log: list[Event] = [
+        seen("s1", "/w/a.mp4"),
+        completed("s1", etag="e1"),
+        MetadataWritten(stream_id="s1", at=T0, key="m", duration_seconds=1.0),
+        seen("s1", "/w/a.mp4"),
+    ]
+    projection = replay(entries(log))
+    assert projection.streams == {} and projection.by_path == {}
+    assert projection.files["/w/a.mp4"].stream_id == "s1"
 
 
 def test_events_for_unknown_streams_are_ignored() -> None:
@@ -354,6 +458,7 @@ def test_new_recording_at_same_path_takes_over_by_path() -> None:
     projection = replay(entries(log))
     assert projection.by_path == {"/w/a.mp4": "s2"}
     assert [s.stream_id for s in projection.live()] == ["s2"]
+    assert projection.files["/w/a.mp4"].stream_id == "s1"  # until s2 finishes
 
 
 # helpers

@@ -21,6 +21,7 @@ from cefmp4.mp4 import Mp4Status, Mp4Verdict
 from cefmp4.watchrules import (
     Action,
     CheckMp4,
+    Forget,
     Gone,
     Grew,
     Idle,
@@ -29,7 +30,7 @@ from cefmp4.watchrules import (
     Truncated,
     decide,
 )
-from projections.streams import Completion, Status, StreamState
+from projections.streams import Completion, FileRecord, Status, StreamState
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 TIMING = Timing(settle=1.0, timeout=30.0)  # chunk=0: every change is reported at once
@@ -85,13 +86,17 @@ def completed() -> StreamState:
     return stream("completed", completion=(SIZE, MTIME))
 
 
+def record(status: Literal["completed", "failed"], *, retry: bool = False) -> FileRecord:
+    return FileRecord("s1", "k", status, SIZE, MTIME, INODE, retry=retry)
+
+
 def file(size: int = SIZE, mtime_ns: int = MTIME, inode: int = INODE) -> FileStat:
     return FileStat(size, mtime_ns, inode)
 
 
 class Case(msgspec.Struct, frozen=True, kw_only=True):
     current: FileStat | None
-    stream: StreamState | None
+    stream: StreamState | FileRecord | None
     expected: list[Action]
     quiet_for: float = 0.0
     verdict: Mp4Verdict | None = None
@@ -106,8 +111,12 @@ CASES: dict[str, Case] = {
         current=None, stream=stream("idle"), expected=[Gone()]
     ),
     "gone, never seen": Case(current=None, stream=None, expected=[]),
-    "gone after completed": Case(current=None, stream=completed(), expected=[]),
-    "gone after failed": Case(current=None, stream=stream("failed"), expected=[]),
+    # A finished recording's file left the disk: its record goes (bounded state).
+    "gone after completed": Case(current=None, stream=completed(), expected=[Forget()]),
+    "gone after failed": Case(current=None, stream=stream("failed"), expected=[Forget()]),
+    "gone after failed as deleted (no record)": Case(
+        current=None, stream=stream("failed", gone="deleted"), expected=[]
+    ),
     "gone, already reported": Case(current=None, stream=stream(gone="deleted"), expected=[]),
     # --- new recordings ---
     "new path": Case(current=file(), stream=None, expected=[Seen()]),
@@ -139,6 +148,17 @@ CASES: dict[str, Case] = {
     "failed, unchanged": Case(current=file(), stream=stream("failed"), expected=[]),
     "failed, then changed": Case(
         current=file(size=SIZE + 5), stream=stream("failed"), expected=[Seen()]
+    ),
+    "record, unchanged": Case(current=file(), stream=record("completed"), expected=[]),
+    "record, gone": Case(current=None, stream=record("completed"), expected=[Forget()]),
+    "record, changed": Case(
+        current=file(size=SIZE + 1), stream=record("completed"), expected=[Seen()]
+    ),
+    "failed record, retry asked, unchanged file": Case(
+        current=file(), stream=record("failed", retry=True), expected=[Seen()]
+    ),
+    "completed record, retry flag ignored": Case(
+        current=file(), stream=record("completed", retry=True), expected=[]
     ),
     "failed after delete, file reappears identical": Case(
         current=file(), stream=stream("failed", gone="deleted"), expected=[Seen()]
@@ -406,8 +426,10 @@ def test_decide_invariants(look: Look) -> None:
         assert current is not None and state is not None and not state.terminal
         assert (current.size, current.mtime_ns) != (state.size, state.mtime_ns)
     if state is not None and state.terminal:
-        # A completed object is never appended to: changed content is a new stream.
-        assert actions in ([], [Seen()])
+        # A completed object is never appended to: changed content is a new
+        # stream; a file that left the disk only drops the record.
+        assert actions in ([], [Seen()], [Forget()])
+        assert (actions == [Forget()]) == (current is None and state.gone != "deleted")
     if current is not None and state is not None and not state.terminal and state.gone:
         # The uploader is already ending this stream; a second Truncated/Seen
         # would start a duplicate stream before the first one is terminal.
@@ -416,4 +438,6 @@ def test_decide_invariants(look: Look) -> None:
         assert actions == [Truncated(), Seen()]
     if Gone() in actions:
         assert current is None and actions == [Gone()]
+    if Forget() in actions:
+        assert current is None and state is not None and state.terminal
     assert len(actions) == len(set(map(type, actions)))

@@ -12,11 +12,26 @@ recorded as a ``StreamFailed`` event and a metric, and the message is
 acknowledged, so one bad recording can never become a crash loop. A transient
 failure that outlived the adapters' retries leaves the message pending; it is
 claimed again after ``CLAIM_IDLE_SECONDS`` (by this or another replica).
+
+Claims: every ``CLAIM_IDLE_SECONDS / 2`` a pass over the group's pending
+entries starts (XAUTOCLAIM from ``0-0``) and goes on, one page per poll and
+without blocking, until the cursor Redis returns is ``0-0`` again; so a backlog
+of thousands after an outage drains at read speed, not one page per period.
+
+Rolling upgrades: an entry this replica cannot decode (``UnknownEvent``: a
+type or version from newer code) is not acknowledged - that would throw away
+a fact a newer replica can act on. It stays pending, released at once (idle
+time set to the claim threshold) so the next claim pass of any replica takes
+it; a newer one handles it, an older one releases it again at most once per
+pass. Each such entry is logged and counted once per process, not on every
+re-claim, and it is behind the pass's cursor, so it is not claimed twice in
+one pass and cannot crowd out the decodable entries behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -24,11 +39,15 @@ from typing import Protocol
 import structlog
 
 from cefmp4.errors import PermanentError, TransientError
-from cefmp4.eventlog import EventLog
+from cefmp4.eventlog import Entry, EventLog
 from cefmp4.events import Event, UnknownEvent
 from cefmp4.metrics import Metrics
 
 log = structlog.get_logger(__name__)
+
+# Undecodable entry ids remembered per consumer (for "log once"); beyond this
+# the oldest are forgotten and, if still pending, logged once more.
+REMEMBERED_UNDECODABLE = 10_000
 
 FailStream = Callable[[str, str, str], Awaitable[None]]
 
@@ -60,7 +79,9 @@ class GroupConsumer:
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._claim_idle_ms = int(claim_idle_seconds * 1000)
-        self._last_claim = 0.0
+        self._last_claim = -math.inf  # the first poll starts a pass
+        self._claim_cursor = "0-0"  # "0-0": no claim pass under way
+        self._undecodable: dict[str, None] = {}  # ids logged, oldest first
         self._inflight: set[asyncio.Task[None]] = set()
         self.group = handler.group
 
@@ -77,6 +98,8 @@ class GroupConsumer:
         """Handle everything available now (and stale claims); for tests."""
         await self.start()
         handled = await self._poll(None, claim=True)
+        while self._claim_cursor != "0-0":
+            handled += await self._poll(None)
         await self.drain()
         return handled
 
@@ -85,20 +108,20 @@ class GroupConsumer:
             await asyncio.gather(*self._inflight, return_exceptions=True)
 
     async def _poll(self, block_ms: int | None, *, claim: bool = False) -> int:
-        entries = []
-        now = time.monotonic()
-        if claim or now - self._last_claim > self._claim_idle_ms / 2000:
-            self._last_claim = now
-            entries += await self._events.claim_stale(
-                self.group, self._consumer, self._claim_idle_ms, self._concurrency
-            )
+        entries = await self._claim(force=claim)
         free = max(1, self._concurrency - len(self._inflight))
+        passing = bool(entries) or self._claim_cursor != "0-0"
         entries += await self._events.read_group(
-            self.group, self._consumer, free, None if entries else block_ms
+            self.group, self._consumer, free, None if passing else block_ms
         )
         ignored = []
+        undecodable = []
         for entry_id, event in entries:
-            if isinstance(event, UnknownEvent) or not isinstance(event, self._handler.wants):
+            if isinstance(event, UnknownEvent):
+                undecodable.append(entry_id)
+                self._note_undecodable(entry_id, event)
+                continue
+            if not isinstance(event, self._handler.wants):
                 ignored.append(entry_id)
                 continue
             await self._slots.acquire()
@@ -106,7 +129,36 @@ class GroupConsumer:
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
         await self._events.ack(self.group, *ignored)
+        await self._events.release(self.group, self._consumer, self._claim_idle_ms, *undecodable)
         return len(entries)
+
+    async def _claim(self, *, force: bool) -> list[Entry]:
+        """The next page of the claim pass under way, or of a new one if due."""
+        if self._claim_cursor == "0-0":
+            now = time.monotonic()
+            if not force and now - self._last_claim <= self._claim_idle_ms / 2000:
+                return []
+            self._last_claim = now
+        self._claim_cursor, entries = await self._events.claim_stale(
+            self.group, self._consumer, self._claim_idle_ms, self._concurrency, self._claim_cursor
+        )
+        return entries
+
+    def _note_undecodable(self, entry_id: str, event: UnknownEvent) -> None:
+        if entry_id in self._undecodable:
+            return
+        self._undecodable[entry_id] = None
+        if len(self._undecodable) > REMEMBERED_UNDECODABLE:
+            del self._undecodable[next(iter(self._undecodable))]
+        self._metrics.undecodable.labels(self.group, event.label()).inc()
+        log.warning(
+            "cannot decode entry; left pending for a newer replica",
+            group=self.group,
+            id=entry_id,
+            type=event.label(),
+            v=event.v,
+            error=event.error,
+        )
 
     async def _dispatch(self, entry_id: str, event: Event) -> None:
         try:

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from cefmp4.errors import PermanentError, TransientError
-from cefmp4.events import Event, UnknownEvent, decode, encode
+from cefmp4.events import CODEC, Codec, Event, UnknownEvent, encode
 from cefmp4.retry import transient
 
 T = TypeVar("T")
@@ -44,15 +44,16 @@ def _unparsed(response: Any, **_options: Any) -> Any:
     return response
 
 
-def _entries(raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
-    return [(entry_id.decode(), decode(fields)) for entry_id, fields in raw]
-
-
 class EventLog:
-    def __init__(self, redis: aioredis.Redis, key: str, replica: str) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, key: str, replica: str, *, codec: Codec = CODEC
+    ) -> None:
         self._redis = redis
         self.key = key
         self.replica = replica
+        # The event types (and versions) this replica reads; a test injects
+        # another to play an older or newer replica against the same log.
+        self._decode = codec.decode
         # The replay reads the whole log; redis-py's XREAD post-processing
         # (a dict per entry, in Python) was most of its cost. A second client
         # on the same pool takes the raw reply, leaving the shared one as is.
@@ -80,7 +81,7 @@ class EventLog:
         # [id, [field, value, ...]].
         entries = next(iter(raw.values())) if isinstance(raw, dict) else raw[0][1]
         return [
-            (entry_id.decode(), decode(dict(zip(it := iter(flat), it, strict=True))))
+            (entry_id.decode(), self._decode(dict(zip(it := iter(flat), it, strict=True))))
             for entry_id, flat in entries
         ]
 
@@ -105,19 +106,44 @@ class EventLog:
                 group, consumer, {self.key: ">"}, count=count, block=block_ms
             )
         )
-        return _entries(raw[0][1]) if raw else []
+        return self._entries(raw[0][1]) if raw else []
+
+    def _entries(self, raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
+        return [(entry_id.decode(), self._decode(fields)) for entry_id, fields in raw]
 
     async def claim_stale(
-        self, group: str, consumer: str, min_idle_ms: int, count: int
-    ) -> list[Entry]:
-        """Take over messages another (dead) consumer left pending too long."""
+        self, group: str, consumer: str, min_idle_ms: int, count: int, start_id: str = "0-0"
+    ) -> tuple[str, list[Entry]]:
+        """Take over messages another (dead) consumer left pending too long.
+
+        One page of a pass over the group's pending entries, from ``start_id``:
+        returns the cursor to continue from (``"0-0"`` once the pass reached
+        the end) and the entries claimed. Redis scans at most ten times
+        ``count`` pending entries per call, so a long backlog takes several.
+        """
         reply = await self._call(
             lambda: self._redis.xautoclaim(
-                self.key, group, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
+                self.key, group, consumer, min_idle_time=min_idle_ms, start_id=start_id, count=count
             )
         )
         # [next_id, entries, deleted_ids]; entries of trimmed messages are None
-        return _entries([e for e in reply[1] if e and e[1] is not None])
+        cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        return cursor, self._entries([e for e in reply[1] if e and e[1] is not None])
+
+    async def release(self, group: str, consumer: str, idle_ms: int, *entry_ids: str) -> None:
+        """Leave entries pending but claimable at once by any consumer.
+
+        For entries this replica cannot read: it keeps them (XCLAIM to itself,
+        delivery count unchanged) with their idle time set to ``idle_ms``, so
+        the next claim pass of any replica - a newer one, say - takes them
+        rather than waiting for this one's claim to go stale again.
+        """
+        if entry_ids:
+            await self._call(
+                lambda: self._redis.xclaim(
+                    self.key, group, consumer, 0, list(entry_ids), idle=idle_ms, justid=True
+                )
+            )
 
     async def ack(self, group: str, *entry_ids: str) -> None:
         if entry_ids:

@@ -4,36 +4,56 @@ Every change in CefMP4 is an event appended to one Redis Stream
 (``<prefix>:events``). An entry has the fields
 
 * ``type`` - the event name, e.g. ``PartUploaded``;
-* ``v`` - the schema version of that event type;
+* ``v`` - the version of that event type (``VERSION`` on its class);
 * ``data`` - the event as JSON (msgspec), readable from any language;
 * ``replica`` - which process wrote it (host-pid or ``REPLICA_ID``).
 
 Events are facts, never commands: "part 3 of stream X is in S3 with ETag E",
 not "upload part 3". Consumers decide what to do by folding facts into a
 projection (``projections.streams``) and comparing it with the file on disk.
-Adding an optional field is backwards compatible; anything else bumps ``v``.
+
+Versions are per type, so one event can change without touching the others.
+Adding an optional field (with a default) is backwards compatible and keeps
+``VERSION``; anything else bumps it and declares an upcaster, a pure function
+from the JSON object of version n to that of n + 1 (after the ``eventsourcing``
+library's ``upcast_v1_v2``). A replica reads every version up to its own: the
+current one with the typed decoder (the replay's fast path), an older one as a
+plain dict taken up the chain of upcasters and converted to the class. It
+cannot read a newer version or an unknown type: those decode to
+``UnknownEvent``, which consumer groups leave pending for a newer replica
+(``cefmp4.consumerloop``). Rolling upgrades therefore go one way: start the
+new replicas, then stop the old ones. ``docs/events.schema.json`` is the
+same contract for other languages (``python -m cefmp4.schema``).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Literal
+from types import MappingProxyType
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
-SCHEMA_VERSION = 1
-
 Mp4State = Literal["complete", "incomplete", "fragmented", "invalid"]
 IdleReason = Literal["settled", "timeout"]
+# RFC 3339 in JSON; msgspec's schema leaves the format out, other languages want it.
+UtcDatetime = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
+    # Every concrete event class sets its own; Codec refuses a class without one.
+    VERSION: ClassVar[int]
+
     stream_id: str
-    at: datetime  # UTC, timezone-aware
+    at: UtcDatetime  # UTC, timezone-aware
 
 
 class FileSeen(Event, frozen=True, kw_only=True):
     """A new recording: a path that has no live stream, or new content at it."""
+
+    VERSION: ClassVar[int] = 1
 
     path: str  # absolute path on the watcher's host
     rel_path: str  # relative to WATCH_DIR, '/'-separated; part of the object key
@@ -47,6 +67,8 @@ class FileSeen(Event, frozen=True, kw_only=True):
 class BytesAvailable(Event, frozen=True, kw_only=True):
     """The file changed (grew or was patched); coalesced, not one per write."""
 
+    VERSION: ClassVar[int] = 1
+
     size: int
     mtime_ns: int
 
@@ -55,10 +77,14 @@ class UploadStarted(Event, frozen=True, kw_only=True):
     """A multipart upload exists for the stream. A second one replaces the first
     (the first was lost, e.g. aborted by a lifecycle rule): its parts are void."""
 
+    VERSION: ClassVar[int] = 1
+
     upload_id: str
 
 
 class PartUploaded(Event, frozen=True, kw_only=True):
+    VERSION: ClassVar[int] = 1
+
     upload_id: str
     part_number: int
     offset: int
@@ -70,6 +96,8 @@ class PartUploaded(Event, frozen=True, kw_only=True):
 class StreamIdle(Event, frozen=True, kw_only=True):
     """The file has not changed for a while; the finalizer should try to finish."""
 
+    VERSION: ClassVar[int] = 1
+
     size: int
     mtime_ns: int
     reason: IdleReason
@@ -78,6 +106,8 @@ class StreamIdle(Event, frozen=True, kw_only=True):
 
 
 class StreamCompleted(Event, frozen=True, kw_only=True):
+    VERSION: ClassVar[int] = 1
+
     bucket: str
     key: str
     size: int
@@ -90,6 +120,8 @@ class StreamCompleted(Event, frozen=True, kw_only=True):
 
 
 class MetadataWritten(Event, frozen=True, kw_only=True):
+    VERSION: ClassVar[int] = 1
+
     key: str  # the sidecar's object key
     duration_seconds: float | None
     error: str | None = None
@@ -97,6 +129,8 @@ class MetadataWritten(Event, frozen=True, kw_only=True):
 
 class StreamFailed(Event, frozen=True, kw_only=True):
     """Terminal: the stream produced no object (or gave up on one)."""
+
+    VERSION: ClassVar[int] = 1
 
     # empty | deleted | truncated | unreadable | too_large | s3_* | internal_error | ...
     reason: str
@@ -108,12 +142,16 @@ class FileDeleted(Event, frozen=True, kw_only=True):
     finished one: the projection forgets its record, which keeps the
     service's state bounded by the files still on disk."""
 
+    VERSION: ClassVar[int] = 1
+
     path: str
 
 
 class FileTruncated(Event, frozen=True, kw_only=True):
     """The file shrank or was replaced under the same name (O_TRUNC, new inode).
     Its stream is abandoned; the new content becomes a new stream."""
+
+    VERSION: ClassVar[int] = 1
 
     path: str
     size: int
@@ -123,6 +161,8 @@ class RetryRequested(Event, frozen=True, kw_only=True):
     """An operator asked (``cefmp4 retry``) for another attempt at the failed
     stream ``stream_id``; the watcher starts a new stream for ``path`` if the
     file is still there."""
+
+    VERSION: ClassVar[int] = 1
 
     path: str
 
@@ -147,39 +187,130 @@ EVENT_TYPES: dict[str, type[Event]] = {
 TERMINAL_TYPES = (StreamCompleted, StreamFailed)
 
 
+# JSON object of (type, from_version) -> that of from_version + 1. An upcaster
+# may assume the documented shape of its from-version; the errors a malformed
+# entry makes it raise turn into UnknownEvent. Example, for a FileSeen v2 that
+# adds `device: str = ""`: {("FileSeen", 1): lambda doc: {**doc, "device": ""}}.
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+UPCASTERS: Mapping[tuple[str, int], Upcaster] = MappingProxyType({})
+
+# What an upcaster raises on an entry that does not have its from-version's shape.
+_UPCAST_ERRORS = (LookupError, TypeError, ValueError, AttributeError)
+_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
 class UnknownEvent(msgspec.Struct, frozen=True):
-    """An entry this version cannot decode (newer type or version): skipped, not fatal."""
+    """An entry this version cannot decode (newer type or version, or malformed)."""
 
     type: str
     v: int
     error: str
 
+    def label(self) -> str:
+        """``type`` as a metric label: bounded, whatever the entry said."""
+        return self.type if _LABEL.fullmatch(self.type) else "invalid"
 
+
+class Codec:
+    """The event types one version of the code reads, and its upcasters.
+
+    Immutable once built; the module's :data:`CODEC` is built at import from
+    :data:`EVENT_TYPES` and :data:`UPCASTERS`, and a test builds its own to
+    play a newer (or older) replica. Construction checks the chain: every
+    version below a class's ``VERSION`` has an upcaster, and no upcaster
+    exists for a type or version the codec does not read - a gap would make
+    old entries of the log unreadable, which must fail at import, not on a
+    replay.
+    """
+
+    def __init__(
+        self,
+        types: Iterable[type[Event]],
+        upcasters: Mapping[tuple[str, int], Upcaster] | None = None,
+    ) -> None:
+        self.types: Mapping[str, type[Event]] = MappingProxyType(
+            {cls.__name__: cls for cls in types}
+        )
+        self.upcasters: Mapping[tuple[str, int], Upcaster] = MappingProxyType(dict(upcasters or {}))
+        for name, cls in self.types.items():
+            version = getattr(cls, "VERSION", None)
+            if not isinstance(version, int) or version < 1:
+                raise ValueError(f"{name}: VERSION must be an int >= 1, not {version!r}")
+            missing = [v for v in range(1, version) if (name, v) not in self.upcasters]
+            if missing:
+                raise ValueError(f"{name} v{version}: no upcaster from v{missing[0]}")
+        for name, v in self.upcasters:
+            if name not in self.types or not 1 <= v < self.types[name].VERSION:
+                raise ValueError(f"upcaster ({name!r}, {v}) upgrades nothing this codec reads")
+        # Keyed by the raw wire bytes, so the common case compares bytes and
+        # never parses `type` or `v`.
+        self._current = {
+            name.encode(): (cls, msgspec.json.Decoder(cls), str(cls.VERSION).encode())
+            for name, cls in self.types.items()
+        }
+
+    def decode(self, fields: Mapping[bytes, bytes]) -> Event | UnknownEvent:
+        """Entry fields (as XREAD returns them) to the event; never raises."""
+        current = self._current.get(fields.get(b"type", b""))
+        if current is not None and fields.get(b"v") == current[2]:
+            cls, decoder, _ = current
+            try:
+                return decoder.decode(fields.get(b"data", b""))
+            except msgspec.DecodeError as exc:
+                return UnknownEvent(cls.__name__, cls.VERSION, str(exc))
+        return self._decode_other(fields)
+
+    def _decode_other(self, fields: Mapping[bytes, bytes]) -> Event | UnknownEvent:
+        name = fields.get(b"type", b"").decode(errors="replace")
+        try:
+            version = int(fields.get(b"v", b"0"))
+        except ValueError:  # not a number, not UTF-8, or too many digits
+            version = 0
+        cls = self.types.get(name)
+        if cls is None:
+            return UnknownEvent(name, version, "unknown type")
+        if version > cls.VERSION:
+            return UnknownEvent(name, version, f"newer than this replica's v{cls.VERSION}")
+        if version < 1:
+            return UnknownEvent(name, version, "no such version")
+        data = fields.get(b"data", b"")
+        try:
+            if version == cls.VERSION:  # spelled differently, e.g. b"01"
+                return self._current[name.encode()][1].decode(data)
+            doc = msgspec.json.decode(data)
+        except msgspec.DecodeError as exc:
+            return UnknownEvent(name, version, str(exc))
+        if not isinstance(doc, dict):
+            return UnknownEvent(name, version, "data is not a JSON object")
+        return self._upcast(cls, version, doc)
+
+    def _upcast(self, cls: type[Event], version: int, doc: dict[str, Any]) -> Event | UnknownEvent:
+        name = cls.__name__
+        for v in range(version, cls.VERSION):
+            try:
+                doc = self.upcasters[(name, v)](doc)
+            except _UPCAST_ERRORS as exc:
+                return UnknownEvent(name, version, f"upcast v{v}: {type(exc).__name__}: {exc}")
+        try:
+            return msgspec.convert(doc, cls)
+        except msgspec.ValidationError as exc:
+            return UnknownEvent(name, version, f"upcast to v{cls.VERSION}: {exc}")
+
+
+CODEC = Codec(EVENT_TYPES.values(), UPCASTERS)
 _encoder = msgspec.json.Encoder()
-_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
 
 
 def encode(event: Event, replica: str) -> dict[str, bytes]:
-    """Stream entry fields for ``event``."""
+    """Stream entry fields for ``event``, at its class's version."""
     return {
         "type": type(event).__name__.encode(),
-        "v": str(SCHEMA_VERSION).encode(),
+        "v": str(event.VERSION).encode(),
         "data": _encoder.encode(event),
         "replica": replica.encode(),
     }
 
 
-def decode(fields: dict[bytes, bytes]) -> Event | UnknownEvent:
+def decode(fields: Mapping[bytes, bytes], codec: Codec = CODEC) -> Event | UnknownEvent:
     """Inverse of :func:`encode`; never raises on a malformed entry."""
-    name = fields.get(b"type", b"").decode(errors="replace")
-    try:
-        version = int(fields.get(b"v", b"0"))
-    except ValueError:
-        version = 0
-    decoder = _decoders.get(name)
-    if decoder is None or version != SCHEMA_VERSION:
-        return UnknownEvent(name, version, "unknown type or version")
-    try:
-        return decoder.decode(fields.get(b"data", b""))
-    except msgspec.DecodeError as exc:
-        return UnknownEvent(name, version, str(exc))
+    return codec.decode(fields)

@@ -42,3 +42,10 @@ class Metrics:
         self.live_streams = Gauge(
             "cefmp4_live_streams", "Streams not yet completed or failed", registry=registry
         )
+        self.undecodable = Counter(
+            "cefmp4_events_undecodable",
+            "Entries a consumer group left pending because this version cannot decode them"
+            " (counted once per entry and process)",
+            ["group", "type"],
+            registry=registry,
+        )

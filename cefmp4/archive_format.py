@@ -10,8 +10,9 @@ kept verbatim as ``msgspec.Raw``. The archive is an audit trail, so it must
 keep entries this version cannot decode (a newer type or schema) as they
 are. Two repairs keep every segment line valid JSON (:func:`raw_entry`):
 ``data`` that is not valid JSON is stored as a JSON *string* of its text,
-and valid JSON containing a newline (whitespace from a foreign writer) is
-re-encoded compactly, which changes no value. A ``v`` that is not an
+and valid JSON loses the whitespace around it and, if it still contains a
+newline (whitespace from a foreign writer), is re-encoded compactly; neither
+changes a value, and the service's own entries have no such whitespace. A ``v`` that is not an
 integer becomes ``0`` (what ``cefmp4.events.decode`` reads it as).
 
 Segments
@@ -118,6 +119,7 @@ def raw_entry(entry_id: str, fields: Mapping[bytes, bytes]) -> RawEntry:
     except msgspec.DecodeError:
         data = _encoder.encode(_text(data))
     else:
+        data = data.strip(b" \t\r\n")  # JSON whitespace: a reader's Raw would not keep it
         if b"\n" in data:
             data = _encoder.encode(_any_decoder.decode(data))
     try:

@@ -23,6 +23,7 @@ import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
 from cefmp4 import config as config_mod
+from cefmp4 import eventscli
 from cefmp4.config import Config
 from cefmp4.durations import duration
 from cefmp4.errors import ConfigError
@@ -126,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--apply", "--no-dry-run", dest="apply", action="store_true", help="abort them"
     )
     gc.set_defaults(apply=False)
+    eventscli.add_parser(commands)
     args = parser.parse_args(argv)
     try:
         config = config_mod.load(os.environ)
@@ -137,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "local":
         with local_servers(config, args.data_dir) as local_config:
             asyncio.run(serve(local_config))
+    elif args.command == "events":
+        return eventscli.main(config, args)
     elif args.command == "gc":
         asyncio.run(run_gc(config, apply=args.apply, older_than=args.older_than, out=sys.stdout))
     else:

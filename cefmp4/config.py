@@ -91,6 +91,9 @@ class Config(
     # older spelling, used when EVENT_RETENTION is not set.
     event_retention: str | None = None
     event_retention_days: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    # Where log entries are archived in the bucket before they are trimmed
+    # (cefmp4.archive); disjoint from S3_KEY_PREFIX, so the two never mix.
+    event_archive_prefix: str = "cefmp4-events/"
 
     def __post_init__(self) -> None:
         if self.event_retention is not None:
@@ -100,6 +103,13 @@ class Config(
             raise ValueError(
                 f"SETTLE_SECONDS ({self.settle_seconds:g}) must not exceed "
                 f"STREAM_TIMEOUT_SECONDS ({self.stream_timeout_seconds:g})"
+            )
+        archive, recordings = self.event_archive_prefix, self.s3_key_prefix
+        if archive.startswith(recordings) or recordings.startswith(archive):
+            # One prefix would list (and gc would look at) the other's objects.
+            raise ValueError(
+                f"EVENT_ARCHIVE_PREFIX ({archive!r}) and S3_KEY_PREFIX ({recordings!r}) "
+                "must not be prefixes of each other"
             )
 
     @property

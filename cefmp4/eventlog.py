@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
+from cefmp4.archive_format import RawEntry, raw_entry
+from cefmp4.entryids import ZERO_ID
 from cefmp4.errors import PermanentError, TransientError
 from cefmp4.events import CODEC, Codec, Event, UnknownEvent, encode
 from cefmp4.retry import transient
@@ -44,6 +46,13 @@ def _unparsed(response: Any, **_options: Any) -> Any:
     return response
 
 
+def _raw_entries(entries: list[tuple[bytes, list[bytes]]]) -> list[RawEntry]:
+    return [
+        raw_entry(entry_id.decode(), dict(zip(it := iter(flat), it, strict=True)))
+        for entry_id, flat in entries
+    ]
+
+
 class EventLog:
     def __init__(
         self, redis: aioredis.Redis, key: str, replica: str, *, codec: Codec = CODEC
@@ -59,6 +68,7 @@ class EventLog:
         # on the same pool takes the raw reply, leaving the shared one as is.
         self._raw = aioredis.Redis(connection_pool=redis.connection_pool)
         self._raw.set_response_callback("XREAD", _unparsed)
+        self._raw.set_response_callback("XRANGE", _unparsed)
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         return await call_redis(op, attempts=None)
@@ -84,6 +94,34 @@ class EventLog:
             (entry_id.decode(), self._decode(dict(zip(it := iter(flat), it, strict=True))))
             for entry_id, flat in entries
         ]
+
+    async def read_raw_after(
+        self, last_id: str, count: int, until: str | None = None
+    ) -> list[RawEntry]:
+        """Up to ``count`` entries with ``last_id`` < id (< ``until`` if given),
+        undecoded (``archive_format.RawEntry``): what the archive stores and
+        ``cefmp4 events`` prints, so entries of unknown types come through too."""
+        if until == ZERO_ID:
+            return []  # nothing is below 0-0, and "(0-0" is not a valid XRANGE end
+        end = "+" if until is None else f"({until}"
+        raw: Any = await self._call(
+            lambda: self._raw.execute_command(  # type: ignore[no-untyped-call]
+                "XRANGE", self.key, f"({last_id}", end, "COUNT", count
+            )
+        )
+        return _raw_entries(raw or [])
+
+    async def wait_raw_after(self, last_id: str, count: int, block_ms: int) -> list[RawEntry]:
+        """Like :meth:`read_raw_after` without a bound, but waits up to
+        ``block_ms`` for a first entry (XREAD BLOCK): a tail that follows."""
+        raw: Any = await self._call(
+            lambda: self._raw.execute_command(  # type: ignore[no-untyped-call]
+                "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key, last_id
+            )
+        )
+        if not raw:
+            return []
+        return _raw_entries(next(iter(raw.values())) if isinstance(raw, dict) else raw[0][1])
 
     async def ensure_group(self, group: str) -> None:
         """Create ``group`` at the start of the log, so a new deployment acts on

@@ -138,11 +138,20 @@ def _etag(value: str) -> str:
 
 
 class S3Store:
-    def __init__(self, client: Any, bucket: str, *, timeout: float, attempts: int = 8) -> None:
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        *,
+        timeout: float,
+        attempts: int = 8,
+        list_page_size: int = 1000,
+    ) -> None:
         self._s3 = client
         self.bucket = bucket
         self._timeout = timeout
         self._attempts = attempts
+        self._list_page_size = list_page_size  # S3's maximum; smaller only in tests
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         async for attempt in transient(attempts=self._attempts):
@@ -264,5 +273,44 @@ class S3Store:
                     return None
                 raise
             return ObjectInfo(int(reply["ContentLength"]), _etag(reply["ETag"]))
+
+        return await self._call(op)
+
+    async def list_keys(self, prefix: str, start_after: str = "") -> list[str]:
+        """ListObjectsV2 page after page; each page starts after the last key of
+        the one before (``StartAfter``, not the continuation token, so one
+        mechanism serves the caller's ``start_after`` and the pagination, and a
+        retried page is the same request)."""
+        keys: list[str] = []
+        after = start_after
+        while True:
+            kwargs: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Prefix": prefix,
+                "MaxKeys": self._list_page_size,
+            }
+            if after:
+                kwargs["StartAfter"] = after
+            reply = await self._call(lambda kw=kwargs: self._s3.list_objects_v2(**kw))  # type: ignore[misc]
+            page = [str(item["Key"]) for item in reply.get("Contents", [])]
+            keys += page
+            if not page or not reply.get("IsTruncated"):
+                return keys
+            after = page[-1]
+
+    async def get_object(self, key: str) -> bytes | None:
+        """GetObject, the body read inside the same timeout and retry (a body
+        cut off mid-read is retried as a whole)."""
+
+        async def op() -> bytes | None:
+            try:
+                reply = await self._s3.get_object(Bucket=self.bucket, Key=key)
+            except bexc.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            async with reply["Body"] as stream:
+                body: bytes = await stream.read()
+            return body
 
         return await self._call(op)

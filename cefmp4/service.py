@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -24,6 +25,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
+from cefmp4.archive import EventArchive, archive_through
 from cefmp4.config import Config
 from cefmp4.consumerloop import GroupConsumer, Handler
 from cefmp4.deps import Deps, utcnow
@@ -88,6 +90,9 @@ class Service:
             snapshot_every=config.snapshot_every_events,
             snapshot_interval=config.snapshot_interval_seconds,
             retention_seconds=config.event_retention_seconds,
+            archive=functools.partial(
+                archive_through, events, EventArchive(store, config.event_archive_prefix)
+            ),
             trim_lease=Lease(
                 redis,
                 f"{config.redis_key_prefix}:lease:trim",

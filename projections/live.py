@@ -50,11 +50,12 @@ from collections.abc import Callable
 
 import structlog
 
+from cefmp4.entryids import parse_id
 from cefmp4.errors import CefError
 from cefmp4.eventlog import EventLog
 from cefmp4.events import UnknownEvent
 from cefmp4.leases import Lease
-from projections.snapshots import Archiver, SnapshotStore, encode_snapshot, parse_id
+from projections.snapshots import Archiver, SnapshotStore, encode_snapshot
 from projections.streams import Projection
 
 log = structlog.get_logger(__name__)

@@ -60,6 +60,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
 
+from cefmp4.entryids import EntryId, format_id, parse_id
 from cefmp4.errors import CefError, PermanentError
 from cefmp4.eventlog import call_redis
 from projections.streams import Projection
@@ -76,7 +77,6 @@ WRITE_ATTEMPTS = 3
 # Enough of the value for the header: 1 (array) + 9 (schema) + 2 + 41 (id).
 _HEADER_BYTES = 64
 
-StreamId = tuple[int, int]
 # Archive every entry older than the given id; return the id through which the
 # log is archived ("0-0": nothing). See cefmp4.archive.archive_through.
 Archiver = Callable[[str], Awaitable[str]]
@@ -112,18 +112,6 @@ class TrimResult(NamedTuple):
 
 
 # -- pure functions -----------------------------------------------------------
-
-
-def parse_id(entry_id: str) -> StreamId:
-    """``"<ms>-<seq>"`` as a pair of ints (ValueError if it is not one)."""
-    ms, sep, seq = entry_id.partition("-")
-    if not sep or not ms.isdigit() or not seq.isdigit():
-        raise ValueError(f"not a stream entry id: {entry_id!r}")
-    return int(ms), int(seq)
-
-
-def format_id(stream_id: StreamId) -> str:
-    return f"{stream_id[0]}-{stream_id[1]}"
 
 
 def encode_snapshot(projection: Projection) -> bytes:
@@ -168,7 +156,7 @@ def trim_bound(
     (name, bound) pairs from :func:`group_bound`. ``None`` when the bound is
     the very start of the log.
     """
-    candidates: list[tuple[StreamId, str]] = [
+    candidates: list[tuple[EntryId, str]] = [
         (parse_id(covered_id), "snapshot"),
         ((max(now_ms - retention_ms, 0), 0), "retention"),
         *((parse_id(bound), f"group {name}") for name, bound in groups),

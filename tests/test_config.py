@@ -206,6 +206,26 @@ def test_settle_longer_than_timeout_is_refused() -> None:
         load({"SETTLE_SECONDS": "40", "STREAM_TIMEOUT_SECONDS": "30"}, None)
 
 
+@pytest.mark.parametrize(
+    ("archive", "recordings"),
+    [("streams/", "streams/"), ("streams/events/", "streams/"), ("arch", "archive/")],
+)
+def test_event_archive_prefix_must_not_overlap_recordings(archive: str, recordings: str) -> None:
+    # The archive's listing would return recordings (or gc would see segments).
+    with pytest.raises(ConfigError, match=r"^EVENT_ARCHIVE_PREFIX .* S3_KEY_PREFIX"):
+        load({"EVENT_ARCHIVE_PREFIX": archive, "S3_KEY_PREFIX": recordings}, None)
+    # An empty prefix (only possible in code: empty env values mean "unset")
+    # is a prefix of everything.
+    with pytest.raises(ValueError, match=r"^EVENT_ARCHIVE_PREFIX"):
+        Config(event_archive_prefix="")
+
+
+def test_event_archive_prefix_default_and_override() -> None:
+    assert load({}, None).event_archive_prefix == "cefmp4-events/"
+    config = load({"EVENT_ARCHIVE_PREFIX": "audit/", "S3_KEY_PREFIX": "audit-streams/"}, None)
+    assert (config.event_archive_prefix, config.s3_key_prefix) == ("audit/", "audit-streams/")
+
+
 def test_bool_error_says_what_is_allowed() -> None:
     with pytest.raises(ConfigError, match=r"^WATCH_POLL: .*true, false, 1, 0"):
         load({"WATCH_POLL": "maybe"}, None)

@@ -40,7 +40,9 @@ def endpoint(request: pytest.FixtureRequest, s3_endpoint: S3Endpoint) -> S3Endpo
     return s3_endpoint
 
 
-async def _store(endpoint: S3Endpoint, bucket: str, attempts: int = 3) -> AsyncIterator[S3Store]:
+async def _store(
+    endpoint: S3Endpoint, bucket: str, attempts: int = 3, list_page_size: int = 1000
+) -> AsyncIterator[S3Store]:
     session = aioboto3.Session()
     async with session.client(
         "s3",
@@ -50,7 +52,7 @@ async def _store(endpoint: S3Endpoint, bucket: str, attempts: int = 3) -> AsyncI
         region_name=endpoint.region,
         config=boto_config(pool=8, timeout=10),
     ) as client:
-        yield S3Store(client, bucket, timeout=10, attempts=attempts)
+        yield S3Store(client, bucket, timeout=10, attempts=attempts, list_page_size=list_page_size)
 
 
 @pytest.fixture
@@ -151,6 +153,45 @@ async def test_put_object_and_overwrite_same_key(store: S3Store) -> None:
     )
     info = await store.head_object("x.json")
     assert info is not None and info.size == len(body)
+
+
+async def _put(store: S3Store, key: str, body: bytes) -> None:
+    await store.put_object(key, body, md5s(body)[1], "application/octet-stream")
+
+
+async def test_get_object_returns_the_body_or_none(store: S3Store) -> None:
+    body = os.urandom(300_000) + b"\x00end"
+    await _put(store, "archive/blob.bin", body)
+    assert await store.get_object("archive/blob.bin") == body
+    assert await store.get_object("archive/missing.bin") is None
+    await _put(store, "archive/empty.bin", b"")
+    assert await store.get_object("archive/empty.bin") == b""
+
+
+async def test_list_keys_is_ascending_under_the_prefix_after_start_after(store: S3Store) -> None:
+    # (no key that is also a "directory" of another: JuiceFS is a file system)
+    keys = ["ev/b", "ev/a", "ev/d/x", "ev/c-1", "ev/c", "ev0", "other/a", "e"]
+    for key in keys:
+        await _put(store, key, b"x")
+    under = sorted(k for k in keys if k.startswith("ev/"))
+    assert await store.list_keys("ev/") == under == ["ev/a", "ev/b", "ev/c", "ev/c-1", "ev/d/x"]
+    assert await store.list_keys("ev/", start_after="ev/b") == ["ev/c", "ev/c-1", "ev/d/x"]
+    # start_after need not be a key that exists
+    assert await store.list_keys("ev/", start_after="ev/bb") == ["ev/c", "ev/c-1", "ev/d/x"]
+    assert await store.list_keys("ev/", start_after="ev/d/x") == []
+    assert await store.list_keys("nothing/") == []
+
+
+async def test_list_keys_pages_through_more_keys_than_one_page(endpoint: S3Endpoint) -> None:
+    async for store in _store(endpoint, f"contract-{uuid.uuid4().hex[:20]}", list_page_size=3):
+        await store.ensure_bucket()
+        keys = [f"seg/{i:04d}" for i in range(11)]
+        for key in keys:
+            await _put(store, key, b"")
+        await _put(store, "segz", b"")  # sorts right after the prefix's keys
+        assert await store.list_keys("seg/") == keys
+        assert await store.list_keys("seg/", start_after=keys[4]) == keys[5:]
+        assert await store.list_keys("seg/", start_after=keys[8]) == keys[9:]
 
 
 async def test_unreachable_endpoint_is_transient(tmp_path: Path) -> None:

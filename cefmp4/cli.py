@@ -23,7 +23,7 @@ import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
 from cefmp4 import config as config_mod
-from cefmp4 import eventscli
+from cefmp4 import eventscli, retrycli
 from cefmp4.config import Config
 from cefmp4.durations import duration
 from cefmp4.errors import ConfigError
@@ -128,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     gc.set_defaults(apply=False)
     eventscli.add_parser(commands)
+    retrycli.add_parser(commands)
     args = parser.parse_args(argv)
     try:
         config = config_mod.load(os.environ)
@@ -141,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(serve(local_config))
     elif args.command == "events":
         return eventscli.main(config, args)
+    elif args.command == "retry":
+        return asyncio.run(retrycli.run_retry(config, args, sys.stdout))
     elif args.command == "gc":
         asyncio.run(run_gc(config, apply=args.apply, older_than=args.older_than, out=sys.stdout))
     else:

@@ -49,7 +49,9 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, on_signal)
     registry = CollectorRegistry()
     if config.prom_port:
-        start_http_server(config.prom_port, registry=registry)
+        # METRICS_ADDR: loopback unless the deployment opens it (the image does).
+        start_http_server(config.prom_port, addr=config.metrics_addr, registry=registry)
+        log.info("metrics endpoint", addr=config.metrics_addr, port=config.prom_port)
     async with connect(config) as (redis, store):
         service = Service(config, redis, store, registry)
         task = asyncio.create_task(service.run(stop))

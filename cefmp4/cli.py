@@ -5,6 +5,7 @@ Configuration is parsed here, once; a bad value exits with code 2 and one line
 naming the variable. SIGTERM/SIGINT stop taking new work and give in-flight
 work ``SHUTDOWN_GRACE_SECONDS``; a second signal exits at once. Either way
 nothing is lost: unacknowledged work is pending in Redis for the next start.
+A fatal error is logged, through the log's secret redaction, and exits 1.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from cefmp4.durations import duration
 from cefmp4.errors import ConfigError
 from cefmp4.gc import DEFAULT_OLDER_THAN, run_gc
 from cefmp4.localservers import RedisServer, SeaweedS3
-from cefmp4.logsetup import configure
+from cefmp4.logsetup import configure, redact_url
 from cefmp4.memory import return_large_buffers
 from cefmp4.service import Service, connect
 
@@ -51,7 +52,15 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, on_signal)
     registry = CollectorRegistry()
     if config.prom_port:
-        start_http_server(config.prom_port, registry=registry)
+        # METRICS_ADDR: loopback unless the deployment opens it (the image does).
+        start_http_server(config.prom_port, addr=config.metrics_addr, registry=registry)
+        log.info("metrics endpoint", addr=config.metrics_addr, port=config.prom_port)
+    log.info(
+        "connecting",
+        redis=redact_url(config.redis_url),
+        s3=config.s3_endpoint_url or "AWS",
+        bucket=config.s3_bucket_name,
+    )
     async with connect(config) as (redis, store):
         service = Service(config, redis, store, registry)
         task = asyncio.create_task(service.run(stop))
@@ -86,11 +95,14 @@ def local_servers(config: Config, data_dir: Path) -> Iterator[Config]:
             s3_secret_access_key=endpoint.secret_key,
             s3_region_name=endpoint.region,
         )
+        # The S3 key printed here is the throwaway server's built-in one
+        # (localservers.DEFAULT_SECRET_KEY), not a configured secret: the
+        # local default replaces S3_SECRET_ACCESS_KEY with it.
         print(
             f"""
 CefMP4 local default
   watching   {local.watch_root}   (drop or record *.mp4 files here)
-  redis      {redis.url}   (log: XRANGE {local.events_key} - +)
+  redis      {redact_url(redis.url)}   (log: XRANGE {local.events_key} - +)
   s3         {endpoint.url}  bucket {local.s3_bucket_name}
   look at the objects with:
     AWS_ACCESS_KEY_ID={endpoint.access_key} AWS_SECRET_ACCESS_KEY={endpoint.secret_key} \\
@@ -104,6 +116,17 @@ CefMP4 local default
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except Exception:
+        # The process edge: a fatal error (e.g. a permanent S3 error at start)
+        # is written by the log, whose redaction masks secrets in its message
+        # and traceback, instead of Python's bare traceback; exit 1 as before.
+        log.exception("fatal error; exiting")
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="cefmp4", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run the service with the configuration from the environment")

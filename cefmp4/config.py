@@ -9,7 +9,9 @@ the CLI turns that into exit code 2. Nothing here is read at import time.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from datetime import timedelta
@@ -94,6 +96,10 @@ class Config(
     # Where log entries are archived in the bucket before they are trimmed
     # (cefmp4.archive); disjoint from S3_KEY_PREFIX, so the two never mix.
     event_archive_prefix: str = "cefmp4-events/"
+    # Exposure: the interface the metrics endpoint binds. Loopback by default,
+    # so a host running `cefmp4 run` publishes nothing; the container image
+    # sets 0.0.0.0 (its network namespace is the boundary there).
+    metrics_addr: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.event_retention is not None:
@@ -110,6 +116,10 @@ class Config(
             raise ValueError(
                 f"EVENT_ARCHIVE_PREFIX ({archive!r}) and S3_KEY_PREFIX ({recordings!r}) "
                 "must not be prefixes of each other"
+            )
+        if not is_host(self.metrics_addr):
+            raise ValueError(
+                f"METRICS_ADDR: expected an IP address or a hostname, got {self.metrics_addr!r}"
             )
 
     @property
@@ -133,6 +143,24 @@ class Config(
     @property
     def replica(self) -> str:
         return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_host(value: str) -> bool:
+    """Pure: ``value`` is an IPv4/IPv6 address or an RFC 1123 hostname.
+
+    What an operator could mean by a bind address; anything else (a URL, a
+    port glued on, spaces) is a typo better refused at start than at bind.
+    """
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    name = value.removesuffix(".")
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(x) for x in name.split("."))
 
 
 def load(environ: Mapping[str, str], env_file: Path | None = Path(".env")) -> Config:

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import quote
 
 import boto3
 import redis
@@ -438,7 +439,9 @@ class RedisServer(_ManagedServer):
     (unlike a power cut) loses nothing acknowledged, because Redis writes the
     AOF buffer to the file before it sends replies.  ``--save ""`` turns RDB
     snapshots off so recovery exercises the AOF alone.  No config file is read,
-    so a system-wide ``/etc/redis/redis.conf`` cannot leak in.
+    so a system-wide ``/etc/redis/redis.conf`` cannot leak in.  ``password``
+    turns on ``--requirepass`` and goes into ``url``; it is on the command line
+    (visible to ``ps``), which is fine for the throwaway secrets of tests.
     """
 
     _display_name = "redis-server"
@@ -448,10 +451,13 @@ class RedisServer(_ManagedServer):
         data_dir: Path,
         port: int | None = None,
         executable: str = "redis-server",
+        *,
+        password: str | None = None,
     ) -> None:
         super().__init__(data_dir, "redis.log")
         self._port = free_port() if port is None else port
         self._executable = executable
+        self._password = password
 
     @property
     def port(self) -> int:
@@ -459,7 +465,8 @@ class RedisServer(_ManagedServer):
 
     @property
     def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self._port}/0"
+        auth = f":{quote(self._password, safe='')}@" if self._password else ""
+        return f"redis://{auth}{LOOPBACK}:{self._port}/0"
 
     def start(self, timeout: float = 10) -> None:
         super().start(timeout)
@@ -475,6 +482,7 @@ class RedisServer(_ManagedServer):
             "--save", "",
             "--daemonize", "no",
             "--logfile", "",
+            *(("--requirepass", self._password) if self._password else ()),
         ]  # fmt: skip
 
     def _listen_ports(self) -> tuple[int, ...]:
@@ -489,6 +497,7 @@ class RedisServer(_ManagedServer):
             client = redis.Redis(
                 host=LOOPBACK,
                 port=self._port,
+                password=self._password,
                 socket_connect_timeout=1,
                 socket_timeout=1,
                 retry=Retry(NoBackoff(), 0),

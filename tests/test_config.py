@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cefmp4 import cli
-from cefmp4.config import Config, load
+from cefmp4.config import Config, is_host, load
 from cefmp4.errors import ConfigError
 from cefmp4.partplan import MIN_PART_SIZE
 
@@ -229,3 +232,28 @@ def test_event_archive_prefix_default_and_override() -> None:
 def test_bool_error_says_what_is_allowed() -> None:
     with pytest.raises(ConfigError, match=r"^WATCH_POLL: .*true, false, 1, 0"):
         load({"WATCH_POLL": "maybe"}, None)
+
+
+def test_metrics_addr_defaults_to_loopback() -> None:
+    # `cefmp4 run` on a host publishes nothing unless told to (the image does).
+    assert load({}, env_file=None).metrics_addr == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "value", ["0.0.0.0", "127.0.0.1", "::", "::1", "fe80::1", "localhost", "metrics.internal."]
+)
+def test_metrics_addr_accepts_addresses_and_hostnames(value: str) -> None:
+    assert load({"METRICS_ADDR": value}, env_file=None).metrics_addr == value
+
+
+@pytest.mark.parametrize(
+    "value", ["http://0.0.0.0", "127.0.0.1:8000", "a b", "-host", "host-", "a..b", "x" * 64]
+)
+def test_metrics_addr_refuses_what_is_no_bind_address(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^METRICS_ADDR: "):
+        load({"METRICS_ADDR": value}, env_file=None)
+
+
+@given(st.ip_addresses())
+def test_every_ip_address_is_a_host(address: IPv4Address | IPv6Address) -> None:
+    assert is_host(str(address))

@@ -2,15 +2,23 @@
 
 The sidecar is the seed's deliverable next to every video, read by people and
 other programs, so its field names and its ``chunks`` list are pinned here.
-Both functions are pure; no ffprobe, Redis or S3 is needed.
+Both functions are pure; no ffprobe, Redis or S3 is needed. So is
+``encode_sidecar``, whose bound (``SIDECAR_MAX_BYTES``, identity fields kept)
+is a property test over hostile ffprobe output; the bounded read of ffprobe's
+output runs fake ffprobe scripts.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cefmp4.events import (
     Event,
@@ -19,7 +27,18 @@ from cefmp4.events import (
     StreamCompleted,
     UploadStarted,
 )
-from consumers.metadata import Probe, sidecar, summarize
+from consumers.metadata import (
+    IDENTITY_FIELDS,
+    MAX_CHUNKS_LISTED,
+    MAX_STREAMS_LISTED,
+    MAX_STRING_CHARS,
+    SIDECAR_MAX_BYTES,
+    Probe,
+    encode_sidecar,
+    run_ffprobe,
+    sidecar,
+    summarize,
+)
 from projections.streams import Part, StreamState, replay
 
 MiB = 1024 * 1024
@@ -318,3 +337,230 @@ def test_replaced_upload_parts_are_not_listed() -> None:
     doc = sidecar(s, done, summarize(b"{}"), "streams/", NOW)
     assert [(c["part_number"], c["etag"]) for c in doc["chunks"]] == [(1, "new1"), (2, "new2")]
     assert sum(c["size_bytes"] for c in doc["chunks"]) == doc["total_size_bytes"]
+
+
+# --- hostile or huge descriptions: the sidecar stays within SIDECAR_MAX_BYTES ---
+
+KEPT_STREAM_KEYS = (
+    "index", "codec_type", "codec_name", "profile", "width", "height",
+    "pix_fmt", "avg_frame_rate", "sample_rate", "channels", "bit_rate",
+)  # fmt: skip
+
+
+def long_text(max_repeat: int = 3000) -> st.SearchStrategy[str]:
+    # Long strings cheaply: a short random piece repeated (control characters
+    # included, which JSON escapes to six bytes each).
+    return st.builds(lambda piece, n: piece * n, st.text(max_size=12), st.integers(0, max_repeat))
+
+
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), long_text(), st.just("1" * 5000)
+)
+TAGS = st.dictionaries(st.text(max_size=8), long_text(), max_size=30)
+FF_STREAM = st.fixed_dictionaries(
+    {}, optional={**{k: SCALARS for k in KEPT_STREAM_KEYS}, "tags": TAGS, "nested": st.just({})}
+)
+FF_STREAMS = st.builds(
+    lambda one, n, others: [one] * n + others,
+    FF_STREAM,
+    st.integers(0, 2000),
+    st.lists(FF_STREAM, max_size=4),
+)
+FF_FORMAT = st.fixed_dictionaries(
+    {},
+    optional={
+        "duration": st.one_of(SCALARS, st.just("12.5"), st.just("inf")),
+        "format_name": SCALARS,
+        "format_long_name": SCALARS,
+        "bit_rate": st.one_of(SCALARS, st.just("6150388"), st.just("\u00b2")),
+        "nb_streams": SCALARS,
+        "tags": TAGS,
+    },
+)
+FFPROBE_OUTPUTS = st.one_of(
+    st.builds(lambda s, f: msgspec.json.encode({"streams": s, "format": f}), FF_STREAMS, FF_FORMAT),
+    st.binary(max_size=64),  # not JSON at all
+    st.sampled_from([b"[]", b'{"streams": null}', b'{"streams": [1, 2]}', b'"x"']),
+)
+
+
+def big_state(sid: str, path: str, rel_path: str, key: str, parts: int, etag: str) -> StreamState:
+    template = part(1, etag)
+    return msgspec.structs.replace(
+        state(),
+        stream_id=sid,
+        path=path,
+        rel_path=rel_path,
+        key=key,
+        upload_id="u1" if parts else None,
+        parts={n: msgspec.structs.replace(template, number=n) for n in range(1, parts + 1)},
+    )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ffprobe_json=FFPROBE_OUTPUTS,
+    parts=st.integers(0, 10_000),
+    sid=st.text(min_size=1, max_size=40),
+    path=long_text(400),
+    rel_path=long_text(400),
+    # S3 keys are at most 1024 bytes of UTF-8; that bound is the contract.
+    key=long_text(1024).map(lambda k: k.encode()[:1024].decode(errors="ignore")),
+    etag=st.text(max_size=64),
+    sha256=st.text("0123456789abcdef", min_size=64, max_size=64),
+    reason=long_text(),
+    mp4=st.sampled_from(["complete", "incomplete", "fragmented", "invalid"]),
+    # The default, and one small enough that every truncation step is needed.
+    limit=st.sampled_from([SIDECAR_MAX_BYTES, 16 * 1024]),
+)
+def test_encoded_sidecar_never_exceeds_the_limit_and_keeps_identity(
+    ffprobe_json: bytes,
+    parts: int,
+    sid: str,
+    path: str,
+    rel_path: str,
+    key: str,
+    etag: str,
+    sha256: str,
+    reason: str,
+    mp4: Any,
+    limit: int,
+) -> None:
+    s = big_state(sid, path, rel_path, key, parts, etag)
+    size = parts * 5 * MiB or 1234
+    done = msgspec.structs.replace(
+        completion(size, parts, etag),
+        stream_id=sid,
+        key=key,
+        sha256=sha256,
+        mp4=mp4,
+        mp4_reason=reason,
+    )
+    probe = summarize(ffprobe_json)
+    doc = sidecar(s, done, probe, "streams/", NOW)
+    body = encode_sidecar(doc, limit)
+    assert len(body) <= limit
+    out = json.loads(body)
+    identity = {
+        "stream_id": sid,
+        "s3_bucket": "video-streams",
+        "s3_key_prefix": f"streams/{sid}/",
+        "s3_key": key,
+        "total_size_bytes": size,
+        "etag": etag,
+        "sha256": sha256,
+    }
+    assert {k: out[k] for k in IDENTITY_FIELDS} == identity
+    assert out["chunks_total"] == max(parts, 1)
+    assert out["streams_total"] == probe.streams_total
+    assert isinstance(out["truncated"], bool)
+    assert len(out["chunks"]) <= MAX_CHUNKS_LISTED
+    assert len(out["streams"]) <= MAX_STREAMS_LISTED
+    # What was listed is the first chunks, unchanged.
+    assert [c["part_number"] for c in out["chunks"]] == list(range(1, len(out["chunks"]) + 1))
+    if not out["truncated"]:
+        assert out == json.loads(json.dumps(doc))
+
+
+def test_a_whole_first_tier_of_parts_and_many_streams_fit_untruncated() -> None:
+    # The limit must leave honest documents alone: 1000 parts (10 GiB at the
+    # default part size) and MAX_STREAMS_LISTED ordinary streams.
+    video = msgspec.json.decode(FFPROBE_JSON)["streams"][0]
+    ffprobe = msgspec.json.encode({"streams": [video] * MAX_STREAMS_LISTED, "format": {}})
+    s = big_state(SID, "/w/" + "d" * 250 + "/a.mp4", "a.mp4", KEY, MAX_CHUNKS_LISTED, '"e-1"')
+    done = completion(MAX_CHUNKS_LISTED * 5 * MiB, MAX_CHUNKS_LISTED, '"' + "f" * 32 + '-1000"')
+    out = json.loads(encode_sidecar(sidecar(s, done, summarize(ffprobe), "streams/", NOW)))
+    assert out["truncated"] is False
+    assert len(out["chunks"]) == out["chunks_total"] == MAX_CHUNKS_LISTED
+    assert len(out["streams"]) == out["streams_total"] == MAX_STREAMS_LISTED
+
+
+def test_chunks_beyond_the_bound_are_counted_not_listed() -> None:
+    s = big_state(SID, "/w/cam1/a.mp4", "cam1/a.mp4", KEY, 10_000, '"e"')
+    doc = sidecar(s, completion(10_000 * 5 * MiB, 10_000), summarize(b"{}"), "streams/", NOW)
+    out = json.loads(encode_sidecar(doc))
+    assert out["chunks_total"] == 10_000
+    assert [c["part_number"] for c in out["chunks"]] == list(range(1, MAX_CHUNKS_LISTED + 1))
+    assert out["truncated"] is False
+
+
+def test_summary_drops_tags_and_bounds_streams_and_strings() -> None:
+    hostile = {
+        "streams": [
+            {
+                "index": n,
+                "codec_name": "x" * 100_000,
+                "profile": {"nested": "object"},
+                "tags": {f"t{i}": "v" * 100 for i in range(1000)},
+            }
+            for n in range(500)
+        ],
+        "format": {"duration": "5.0", "bit_rate": "9" * 5000, "nb_streams": "500"},
+    }
+    probe = summarize(msgspec.json.encode(hostile))
+    assert probe.streams_total == 500
+    assert len(probe.streams) == MAX_STREAMS_LISTED
+    assert probe.streams[0] == {"index": 0, "codec_name": "x" * (MAX_STRING_CHARS - 1) + "\u2026"}
+    assert probe.container is not None
+    # 5000 digits would make int() raise; it is not a bit rate anyone wrote.
+    assert probe.container["bit_rate"] is None
+    assert probe.container["nb_streams"] == 500
+    assert probe.duration_seconds == 5.0
+
+
+def test_hostile_strings_end_in_the_truncated_marker_not_an_oversized_sidecar() -> None:
+    # 64 streams of 1 KiB control characters: each escapes to 6 KiB of JSON.
+    evil = "\x01" * MAX_STRING_CHARS
+    ffprobe = msgspec.json.encode(
+        {"streams": [dict.fromkeys(KEPT_STREAM_KEYS, evil)] * 64, "format": {}}
+    )
+    doc = sidecar(state(), completion(10, 0), summarize(ffprobe), "streams/", NOW)
+    body = encode_sidecar(doc)
+    assert len(body) <= SIDECAR_MAX_BYTES < len(msgspec.json.encode(doc))
+    out = json.loads(body)
+    assert out["truncated"] is True
+    assert out["streams"] == [] and out["container"] is None
+    assert out["streams_total"] == 64
+    assert out["chunks"] == doc["chunks"]  # the probe went first; the chunks fit after it
+
+
+@pytest.mark.parametrize(
+    "output",
+    [b"[]", b'{"streams": null}', b'{"streams": [1]}', b'{"format": "x"}', b'"text"'],
+)
+def test_summary_of_json_of_another_shape_is_an_error_not_a_crash(output: bytes) -> None:
+    probe = summarize(output)
+    assert probe.duration_seconds is None and probe.streams == []
+    assert probe.error is not None and probe.error.startswith("ffprobe output is not JSON")
+
+
+# --- ffprobe as a subprocess: its output is read bounded ---
+
+
+def fake_ffprobe(tmp_path: Path, script: str) -> str:
+    exe = tmp_path / "ffprobe"
+    exe.write_text("#!/bin/sh\n" + script)
+    exe.chmod(0o755)
+    return str(exe)
+
+
+async def test_endless_ffprobe_output_is_cut_at_the_cap(tmp_path: Path) -> None:
+    # Were stdout read to the end, this would run until the 60 s timeout and
+    # say "timed out"; the cap ends it with its own error.
+    exe = fake_ffprobe(tmp_path, 'exec yes \'{"streams": [{"index": 0}, \'\n')
+    probe = await run_ffprobe(exe, "x.mp4", max_output=1 * MiB)
+    assert probe.error == f"ffprobe output exceeds {1 * MiB} bytes"
+    assert probe.streams == [] and probe.duration_seconds is None
+
+
+async def test_a_stderr_flood_neither_stalls_ffprobe_nor_is_kept(tmp_path: Path) -> None:
+    flood = "head -c 4000000 /dev/zero | tr '\\0' 'e' >&2"
+    ok = fake_ffprobe(tmp_path, f'{flood}\necho \'{{"format": {{"duration": "2.5"}}}}\'\n')
+    assert (await run_ffprobe(ok, "x.mp4")).duration_seconds == 2.5
+    failing = fake_ffprobe(tmp_path, f"{flood}\necho 'moov atom not found' >&2\nexit 1\n")
+    probe = await run_ffprobe(failing, "x.mp4")
+    assert probe.error is not None
+    assert probe.error.startswith("ffprobe exit 1: ") and probe.error.endswith(
+        "moov atom not found"
+    )
+    assert len(probe.error) <= 600

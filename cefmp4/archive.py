@@ -59,7 +59,8 @@ from cefmp4.archive_format import (
     segment_key,
 )
 from cefmp4.entryids import ZERO_ID, format_id, parse_id
-from cefmp4.eventlog import EventLog
+from cefmp4.eventlog import Entry, EventLog
+from cefmp4.events import decode
 from cefmp4.storage import ObjectStore
 
 CONTENT_TYPE = "application/gzip"
@@ -126,6 +127,17 @@ class EventArchive:
                 pending.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pending
+
+    async def events(self, after: str = ZERO_ID) -> AsyncIterator[Entry]:
+        """``read``, decoded as the log's entries are: for a replay when the log
+        was trimmed and no snapshot can be used (the archive holds the rest)."""
+        async for raw in self.read(after):
+            fields = {
+                b"type": raw.type.encode(),
+                b"v": str(raw.v).encode(),
+                b"data": bytes(raw.data),
+            }
+            yield raw.id, decode(fields)
 
 
 async def archive_through(

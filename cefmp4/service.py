@@ -82,6 +82,7 @@ class Service:
     ) -> None:
         events = EventLog(redis, config.events_key, config.replica)
         self.metrics = Metrics(registry)
+        archive = EventArchive(store, config.event_archive_prefix)
         projection = LiveProjection(
             events,
             snapshots=SnapshotStore(
@@ -90,9 +91,8 @@ class Service:
             snapshot_every=config.snapshot_every_events,
             snapshot_interval=config.snapshot_interval_seconds,
             retention_seconds=config.event_retention_seconds,
-            archive=functools.partial(
-                archive_through, events, EventArchive(store, config.event_archive_prefix)
-            ),
+            archive=functools.partial(archive_through, events, archive),
+            history=archive.events,
             trim_lease=Lease(
                 redis,
                 f"{config.redis_key_prefix}:lease:trim",

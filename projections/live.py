@@ -13,8 +13,10 @@ Snapshots (``projections.snapshots``, optional) bound the start-up replay:
   usable one, and reads only the entries after its ``last_id``; otherwise it
   replays the log from its first entry. A snapshot ahead of the log (newer
   than any id the log ever generated: the log was deleted and recreated) is
-  ignored. Replaying a trimmed log without a snapshot is logged as an error:
-  the result lacks the streams whose first events were trimmed.
+  ignored. A trimmed log without a usable snapshot is replayed from the
+  archive (``history``: the entries trimmed from Redis, kept in the bucket)
+  and then from Redis; without an archive that is logged as an error, as the
+  result lacks the streams whose first events were trimmed.
 * A snapshot is cut when ``snapshot_every`` events were folded since the last
   one this replica loaded or wrote (at the end of a ``catch_up``, never
   mid-replay), and by ``run``'s timer every ``snapshot_interval`` seconds if
@@ -46,19 +48,22 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 
 from cefmp4.entryids import parse_id
 from cefmp4.errors import CefError
-from cefmp4.eventlog import EventLog
+from cefmp4.eventlog import Entry, EventLog
 from cefmp4.events import UnknownEvent
 from cefmp4.leases import Lease
 from projections.snapshots import Archiver, SnapshotStore, encode_snapshot
 from projections.streams import Projection
 
 log = structlog.get_logger(__name__)
+
+# The archived entries after an id, decoded (cefmp4.archive.EventArchive.events).
+History = Callable[[str], AsyncIterator[Entry]]
 
 
 class LiveProjection:
@@ -72,6 +77,7 @@ class LiveProjection:
         snapshot_interval: float = 300.0,
         retention_seconds: float = 0.0,
         archive: Archiver | None = None,
+        history: History | None = None,
         trim_lease: Lease | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -83,6 +89,7 @@ class LiveProjection:
         self._interval = snapshot_interval
         self._retention = retention_seconds if self._every else 0.0
         self._archive = archive
+        self._history = history
         self._trim_lease = trim_lease
         self._clock = monotonic
         self._restored = snapshots is None
@@ -140,13 +147,7 @@ class LiveProjection:
     async def _fold_pages(self) -> None:
         while True:
             entries = await self._events.read_after(self.state.last_id, self._batch)
-            for entry_id, event in entries:
-                if isinstance(event, UnknownEvent):
-                    # A newer writer's event: skip it, but say so once per entry.
-                    log.warning("skipping undecodable event", id=entry_id, type=event.type)
-                    self.state.last_id = entry_id
-                    continue
-                self.state.apply(entry_id, event)
+            self._apply_all(entries)
             if len(entries) < self._batch:
                 return
             # A full page: this is a replay (start-up, or a long outage). It
@@ -166,7 +167,9 @@ class LiveProjection:
                 log_last_id=info.last_generated_id,
             )
             snapshot = None
-        if snapshot is None:
+        if snapshot is None and info.trimmed and self._history is not None:
+            await self._fold_history(self._history)
+        elif snapshot is None:
             if info.trimmed:
                 log.error(
                     "the event log was trimmed and there is no usable snapshot: "
@@ -183,6 +186,21 @@ class LiveProjection:
                 streams=len(snapshot.streams),
             )
         self._restored = True
+
+    async def _fold_history(self, history: History) -> None:
+        """Fold what the archive holds; the tail from Redis follows in ``_fold_tail``."""
+        log.warning("no usable snapshot and the log is trimmed: replaying the archive first")
+        self._apply_all([entry async for entry in history(self.state.last_id)])
+        log.info("archive replayed", last_id=self.state.last_id, events=self.state.events)
+
+    def _apply_all(self, entries: list[Entry]) -> None:
+        for entry_id, event in entries:
+            if isinstance(event, UnknownEvent):
+                # A newer writer's event: skip it, but say so once per entry.
+                log.warning("skipping undecodable event", id=entry_id, type=event.type)
+                self.state.last_id = entry_id
+                continue
+            self.state.apply(entry_id, event)
 
     def _snapshot_due(self) -> bool:
         if not self._every or self.state.events - self._events_at_snapshot < self._every:

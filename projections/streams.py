@@ -130,9 +130,12 @@ class StreamState(msgspec.Struct, frozen=True, gc=False):
         )
 
 
-class FileRecord(msgspec.Struct, frozen=True, gc=False):
+class FileRecord(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """A finished recording whose file is still on disk: what the watcher needs
-    to tell "unchanged, nothing to do" from "new content, a new recording"."""
+    to tell "unchanged, nothing to do" from "new content, a new recording".
+
+    One per file on disk, so 100k of them on a busy recorder: ``array_like``
+    keeps the field names out of every snapshot entry (about a third of it)."""
 
     stream_id: str
     key: str

@@ -7,9 +7,10 @@
 
 Options inside ``--throughput`` / ``--latency`` / ``--replay`` / ``--failover`` are those of
 ``python -m tests.bench.bench_throughput --help`` / ``bench_latency --help`` /
-``bench_replay --help``. Each bench starts its own throwaway Redis (and, where
-it needs one, S3 server) under a temp dir and takes well under three minutes
-on 2 cores. The JSON of everything goes to
+``bench_replay --help`` (and ``--soak``: ``bench_soak --help``). Each bench
+starts its own throwaway Redis (and, where it needs one, S3 server) under a
+temp dir and takes well under three minutes on 2 cores, except the soak bench
+at its default (year-scale) size: about ten. The JSON of everything goes to
 ``.cefmp4/bench/results.json`` (relative to the repo root).
 """
 
@@ -22,7 +23,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.bench import bench_failover, bench_latency, bench_replay, bench_throughput
+from tests.bench import (
+    bench_failover,
+    bench_latency,
+    bench_replay,
+    bench_soak,
+    bench_throughput,
+)
 from tests.bench.common import BenchError, command_line, machine, now_iso, write_json
 
 Bench = tuple[
@@ -35,6 +42,7 @@ BENCHES: dict[str, Bench] = {
     "latency": (bench_latency.parse_args, bench_latency.run, bench_latency.report),
     "replay": (bench_replay.parse_args, bench_replay.run, bench_replay.report),
     "failover": (bench_failover.parse_args, bench_failover.run, bench_failover.report),
+    "soak": (bench_soak.parse_args, bench_soak.run, bench_soak.report),
 }
 
 
@@ -131,6 +139,10 @@ def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
                 f"{fo['settings']['LEASE_TTL_SECONDS']:g}, max {fo['max_s']:.3f} s",
             )
         )
+    sk = results.get("soak")
+    if sk is not None and "error" not in sk:
+        for name, met in sk["targets"].items():
+            rows.append((f"soak: {name}", "met" if met else "MISSED", ""))
     for name, result in results.items():
         if "error" in result:
             rows.append((f"{name}: FAILED", "-", result["error"].splitlines()[0][:80]))
@@ -155,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", default="", metavar="ARGS", help="bench_latency args")
     parser.add_argument("--replay", default="", metavar="ARGS", help="bench_replay args")
     parser.add_argument("--failover", default="", metavar="ARGS", help="bench_failover args")
+    parser.add_argument("--soak", default="", metavar="ARGS", help="bench_soak args")
     args = parser.parse_args(argv)
     selected = args.only or list(BENCHES)
     options = {
@@ -162,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency": args.latency,
         "replay": args.replay,
         "failover": args.failover,
+        "soak": args.soak,
     }
     # Parse everything first: a typo should fail before minutes of benchmarking.
     parsed = {name: BENCHES[name][0](shlex.split(options[name])) for name in selected}

@@ -25,6 +25,24 @@ SCHEMA_VERSION = 1
 
 Mp4State = Literal["complete", "incomplete", "fragmented", "invalid"]
 IdleReason = Literal["settled", "timeout"]
+# Why a stream ended without an object: a closed set, so the
+# ``cefmp4_streams_failed{reason}`` label stays bounded (details go in
+# ``StreamFailed.detail``). ``deleted`` and ``truncated`` are the recorder's
+# doing and expected; the others mean a recording was lost and deserve a look.
+FailReason = Literal[
+    "empty",  # still empty at the idle timeout
+    "deleted",  # removed from disk before completion
+    "truncated",  # shrank or was replaced under the same name
+    "unreadable",  # permission denied, I/O error
+    "too_large",  # beyond S3's 5 TiB object limit (or the part plan's capacity)
+    "verify_failed",  # the completed object's size is not the file's
+    "s3_invalid_part",  # InvalidPart again after a re-listing
+    "s3_rejected",  # any other permanent S3 4xx; the S3 code is in ``detail``
+    "s3_client_error",  # botocore refused the request before sending it
+    "no_such_upload",  # the upload vanished and no object stands for it
+    "redis_error",  # Redis refused a command (not a connection problem)
+    "internal_error",  # a bug: the handler raised something unexpected
+]
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,8 +116,7 @@ class MetadataWritten(Event, frozen=True, kw_only=True):
 class StreamFailed(Event, frozen=True, kw_only=True):
     """Terminal: the stream produced no object (or gave up on one)."""
 
-    # empty | deleted | truncated | unreadable | too_large | s3_* | internal_error | ...
-    reason: str
+    reason: FailReason
     detail: str = ""
 
 

@@ -42,3 +42,9 @@ class Metrics:
         self.live_streams = Gauge(
             "cefmp4_live_streams", "Streams not yet completed or failed", registry=registry
         )
+        self.blocked = Gauge(
+            "cefmp4_blocked",
+            "1 while S3 refuses this deployment's requests (work waits), by cause",
+            ["cause"],
+            registry=registry,
+        )

@@ -219,7 +219,7 @@ def test_completion_never_changes_once_completed(log: list[Event]) -> None:
 def test_stream_failed_does_not_override_completed() -> None:
     state = fold(None, seen("s1", "/w/a.mp4"))
     done = fold(state, completed("s1", etag="e1"))
-    after = fold(done, StreamFailed(stream_id="s1", at=T0, reason="s3_denied"))
+    after = fold(done, StreamFailed(stream_id="s1", at=T0, reason="s3_rejected"))
     assert after is not None and after == done
     assert after.status == "completed" and after.failure_reason is None
 
@@ -237,7 +237,7 @@ def test_completed_after_failed_records_the_object() -> None:
     # The opposite order is allowed on purpose: a completion proves an object
     # exists, which is the more important fact.
     state = fold(
-        fold(None, seen("s1", "/w/a.mp4")), StreamFailed(stream_id="s1", at=T0, reason="x")
+        fold(None, seen("s1", "/w/a.mp4")), StreamFailed(stream_id="s1", at=T0, reason="deleted")
     )
     assert state is not None and state.status == "failed"
     done = fold(state, completed("s1", etag="e1"))

@@ -38,9 +38,9 @@ from typing import Protocol
 
 import structlog
 
-from cefmp4.errors import PermanentError, TransientError
+from cefmp4.errors import DeploymentBlocked, PermanentError, StreamEnded, TransientError
 from cefmp4.eventlog import Entry, EventLog
-from cefmp4.events import Event, UnknownEvent
+from cefmp4.events import Event, FailReason, UnknownEvent
 from cefmp4.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -49,7 +49,7 @@ log = structlog.get_logger(__name__)
 # the oldest are forgotten and, if still pending, logged once more.
 REMEMBERED_UNDECODABLE = 10_000
 
-FailStream = Callable[[str, str, str], Awaitable[None]]
+FailStream = Callable[[str, FailReason, str], Awaitable[None]]
 
 
 class Handler(Protocol):
@@ -167,6 +167,12 @@ class GroupConsumer:
             self._slots.release()
 
     async def _supervised(self, entry_id: str, event: Event) -> None:
+        """The one place a stream is failed: a handler raises, this records.
+
+        ``self._fail`` (``consumers.uploads.failer``) aborts the upload, logs
+        the end at its level, appends ``StreamFailed`` and counts it, so every
+        failure reason takes the same path and the label set stays closed.
+        """
         bound = log.bind(group=self.group, stream_id=event.stream_id, event=type(event).__name__)
         try:
             await self._handler.handle(event)
@@ -176,12 +182,20 @@ class GroupConsumer:
             say = bound.warning if exc.retry_now else bound.info
             say("not done now; message stays pending", error=str(exc))
             return
+        except DeploymentBlocked as exc:
+            # Only from a store that does not wait (the service's does): still
+            # no recording's fault, so the message stays pending.
+            self._metrics.handler_errors.labels(self.group, "blocked").inc()
+            bound.warning("deployment blocked; message stays pending", cause=exc.cause)
+            return
+        except StreamEnded as exc:
+            self._metrics.handler_errors.labels(self.group, "ended").inc()
+            await self._fail(event.stream_id, exc.reason, str(exc))
         except PermanentError as exc:
             self._metrics.handler_errors.labels(self.group, "permanent").inc()
-            bound.error("permanent failure", reason=exc.reason, error=str(exc))
             await self._fail(event.stream_id, exc.reason, str(exc))
         except Exception as exc:  # noqa: BLE001 - the supervisor: record, never crash-loop
             self._metrics.handler_errors.labels(self.group, "internal").inc()
-            bound.exception("handler crashed")
+            bound.exception("handler crashed")  # the traceback; the failer logs the end
             await self._fail(event.stream_id, "internal_error", f"{type(exc).__name__}: {exc}")
         await self._events.ack(self.group, entry_id)

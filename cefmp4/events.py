@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import msgspec
 
@@ -40,6 +40,25 @@ Mp4State = Literal["complete", "incomplete", "fragmented", "invalid"]
 IdleReason = Literal["settled", "timeout"]
 # RFC 3339 in JSON; msgspec's schema leaves the format out, other languages want it.
 UtcDatetime = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
+
+# Why a stream ended without an object: a closed set, so the
+# ``cefmp4_streams_failed{reason}`` label stays bounded (details go in
+# ``StreamFailed.detail``). ``deleted`` and ``truncated`` are the recorder's
+# doing and expected; the others mean a recording was lost and deserve a look.
+FailReason = Literal[
+    "empty",  # still empty at the idle timeout
+    "deleted",  # removed from disk before completion
+    "truncated",  # shrank or was replaced under the same name
+    "unreadable",  # permission denied, I/O error
+    "too_large",  # beyond S3's 5 TiB object limit (or the part plan's capacity)
+    "verify_failed",  # the completed object's size is not the file's
+    "s3_invalid_part",  # InvalidPart again after a re-listing
+    "s3_rejected",  # any other permanent S3 4xx; the S3 code is in ``detail``
+    "s3_client_error",  # botocore refused the request before sending it
+    "no_such_upload",  # the upload vanished and no object stands for it
+    "redis_error",  # Redis refused a command (not a connection problem)
+    "internal_error",  # a bug: the handler raised something unexpected
+]
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,10 +149,9 @@ class MetadataWritten(Event, frozen=True, kw_only=True):
 class StreamFailed(Event, frozen=True, kw_only=True):
     """Terminal: the stream produced no object (or gave up on one)."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
-    # empty | deleted | truncated | unreadable | too_large | s3_* | internal_error | ...
-    reason: str
+    reason: FailReason
     detail: str = ""
 
 
@@ -192,7 +210,27 @@ TERMINAL_TYPES = (StreamCompleted, StreamFailed)
 # entry makes it raise turn into UnknownEvent. Example, for a FileSeen v2 that
 # adds `device: str = ""`: {("FileSeen", 1): lambda doc: {**doc, "device": ""}}.
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
-UPCASTERS: Mapping[tuple[str, int], Upcaster] = MappingProxyType({})
+
+# StreamFailed v1 carried a free-form reason (``s3_accessdenied``,
+# ``permanent_error``, ...); v2's is the closed ``FailReason``. The S3 code the
+# old reason named moves into ``detail``, so nothing is lost.
+_V1_REASONS: Mapping[str, str] = MappingProxyType(
+    {"s3_invalidpart": "s3_invalid_part", "permanent_error": "internal_error"}
+)
+
+
+def upcast_stream_failed_v1_v2(doc: dict[str, Any]) -> dict[str, Any]:
+    reason = str(doc["reason"])
+    if reason in get_args(FailReason):
+        return doc
+    new = _V1_REASONS.get(reason, "s3_rejected" if reason.startswith("s3_") else "internal_error")
+    detail = f"{reason}: {doc.get('detail', '')}".rstrip(": ")
+    return {**doc, "reason": new, "detail": detail}
+
+
+UPCASTERS: Mapping[tuple[str, int], Upcaster] = MappingProxyType(
+    {("StreamFailed", 1): upcast_stream_failed_v1_v2}
+)
 
 # What an upcaster raises on an entry that does not have its from-version's shape.
 _UPCAST_ERRORS = (LookupError, TypeError, ValueError, AttributeError)

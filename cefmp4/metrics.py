@@ -49,3 +49,9 @@ class Metrics:
             ["group", "type"],
             registry=registry,
         )
+        self.blocked = Gauge(
+            "cefmp4_blocked",
+            "1 while S3 refuses this deployment's requests (work waits), by cause",
+            ["cause"],
+            registry=registry,
+        )

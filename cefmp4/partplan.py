@@ -25,6 +25,7 @@ MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PART_SIZE = 5 * 1024 * 1024 * 1024
 MAX_PARTS = 10_000
 PARTS_PER_TIER = 1000
+MAX_OBJECT_SIZE = 5 * 1024**4  # S3's limit per object: 5 TiB
 
 
 class Span(msgspec.Struct, frozen=True):
@@ -66,6 +67,12 @@ def capacity(chunk: int) -> int:
     return part_offset(MAX_PARTS + 1, chunk)
 
 
+def max_object_size(chunk: int) -> int:
+    """Largest recording that can become one object: the plan's capacity, but
+    never more than S3 accepts (the plan reaches 9.76 TiB for 10 MiB chunks)."""
+    return min(capacity(chunk), MAX_OBJECT_SIZE)
+
+
 def whole_part_count(size: int, chunk: int) -> int:
     """``len(list(whole_parts(size, chunk)))`` in O(tiers)."""
     count = 0
@@ -101,10 +108,10 @@ def whole_parts(size: int, chunk: int) -> Iterator[Span]:
 def final_parts(size: int, chunk: int) -> list[Span]:
     """Every part of a finished file of ``size`` bytes: whole parts + the tail.
 
-    Raises ValueError when the file does not fit in ``MAX_PARTS`` parts.
+    Raises ValueError when the file cannot be one object (``max_object_size``).
     """
-    if size > capacity(chunk):
-        raise ValueError(f"{size} bytes exceed the {MAX_PARTS}-part capacity {capacity(chunk)}")
+    if size > max_object_size(chunk):
+        raise ValueError(f"{size} bytes exceed the object size limit {max_object_size(chunk)}")
     spans = list(whole_parts(size, chunk))
     end = spans[-1].end if spans else 0
     if end < size:

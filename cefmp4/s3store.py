@@ -15,13 +15,21 @@ Design notes
   (``PartBody``), so no layer makes a second full copy of a part in flight.
 * botocore's own retries are off; transient failures are retried here with
   the project's policy, around a per-request timeout so a stalled connection
-  cannot hang a stream.
+  cannot hang a stream. The timeout of a request with a body grows with the
+  body (``request_timeout``): a slow link is not a stalled one, and botocore's
+  ``read_timeout`` already catches a socket that makes no progress at all.
 * Every library exception is translated to the project's tree at this edge.
+  Credential, permission, clock and bucket errors are ``DeploymentBlocked``:
+  with a :class:`~cefmp4.blocked.Blocked` the call waits, in place, until S3
+  accepts again (a missing bucket is created again first); without one (the
+  ``gc`` command, contract tests) the error surfaces.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import io
 from collections.abc import Awaitable, Callable
 from datetime import UTC
@@ -31,7 +39,15 @@ import aiohttp
 import botocore.exceptions as bexc
 from botocore.config import Config as BotoConfig
 
-from cefmp4.errors import NoSuchUpload, PermanentError, TransientError
+from cefmp4.blocked import Blocked
+from cefmp4.errors import (
+    BlockCause,
+    CefError,
+    DeploymentBlocked,
+    NoSuchUpload,
+    PermanentError,
+    TransientError,
+)
 from cefmp4.retry import transient
 from cefmp4.storage import ObjectInfo, RemotePart, RemoteUpload
 
@@ -55,6 +71,33 @@ _TRANSIENT_CODES = frozenset(
 )
 
 
+# S3 answers these to every request of a deployment whose keys, policy, clock
+# or bucket are wrong: no recording is at fault, so none is failed for them.
+_BLOCKED_CODES: dict[str, BlockCause] = {
+    "InvalidAccessKeyId": "credentials",
+    "SignatureDoesNotMatch": "credentials",
+    "ExpiredToken": "credentials",
+    "InvalidToken": "credentials",
+    "TokenRefreshRequired": "credentials",
+    "AccessDenied": "permissions",
+    "AllAccessDisabled": "permissions",
+    "AccountProblem": "permissions",
+    "403": "permissions",  # a HEAD has no body, so no code: just the status
+    "RequestTimeTooSkewed": "clock_skew",
+    "NoSuchBucket": "no_bucket",
+}
+
+# A floor on the throughput we wait for: a request with a body gets
+# S3_TIMEOUT_SECONDS plus the time this rate needs for it (a 5 MiB part +20 s,
+# a 5 GiB part ~5.7 h). A slower link than this is treated as stalled.
+MIN_THROUGHPUT_BYTES_PER_SECOND = 256 * 1024
+
+
+def request_timeout(base: float, body_size: int) -> float:
+    """The asyncio timeout for one request carrying ``body_size`` bytes."""
+    return base + body_size / MIN_THROUGHPUT_BYTES_PER_SECOND
+
+
 def boto_config(*, pool: int, timeout: float) -> BotoConfig:
     return BotoConfig(
         signature_version="s3v4",
@@ -70,7 +113,8 @@ def boto_config(*, pool: int, timeout: float) -> BotoConfig:
 
 
 def translate(exc: BaseException) -> Exception:
-    """Map a library exception to TransientError / NoSuchUpload / PermanentError."""
+    """Map a library exception to TransientError / DeploymentBlocked /
+    NoSuchUpload / PermanentError (the S3 code stays in the message)."""
     if isinstance(exc, bexc.ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
@@ -80,7 +124,14 @@ def translate(exc: BaseException) -> Exception:
             return NoSuchUpload(message)
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return TransientError(message)
-        return PermanentError(message, reason=f"s3_{code or status}".lower())
+        cause = _BLOCKED_CODES.get(code) or ("permissions" if not code and status == 403 else None)
+        if cause is not None:
+            return DeploymentBlocked(message, cause=cause)
+        if code == "InvalidPart":
+            return PermanentError(message, reason="s3_invalid_part")
+        return PermanentError(message, reason="s3_rejected")
+    if isinstance(exc, bexc.NoCredentialsError | bexc.PartialCredentialsError):
+        return DeploymentBlocked(f"s3 credentials: {exc}", cause="credentials")
     if isinstance(
         exc,
         bexc.HTTPClientError
@@ -146,40 +197,64 @@ class S3Store:
         timeout: float,
         attempts: int = 8,
         list_page_size: int = 1000,
+        blocked: Blocked | None = None,
     ) -> None:
         self._s3 = client
         self.bucket = bucket
         self._timeout = timeout
         self._attempts = attempts
         self._list_page_size = list_page_size  # S3's maximum; smaller only in tests
+        self._blocked = blocked
 
-    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+    def waiting_while_blocked(self, blocked: Blocked) -> S3Store:
+        """This store (same client), whose calls wait out ``DeploymentBlocked``."""
+        other = copy.copy(self)
+        other._blocked = blocked
+        return other
+
+    async def _call(self, op: Callable[[], Awaitable[T]], *, body_size: int = 0) -> T:
+        async def attempts() -> T:
+            return await self._attempts_of(op, request_timeout(self._timeout, body_size))
+
+        if self._blocked is None:
+            return await attempts()
+        return await self._blocked.through(attempts, repair=self._repair)
+
+    async def _attempts_of(self, op: Callable[[], Awaitable[T]], seconds: float) -> T:
+        """``op`` under the transient retry policy, each try limited to ``seconds``."""
         async for attempt in transient(attempts=self._attempts):
             with attempt:
                 try:
-                    async with asyncio.timeout(self._timeout):
+                    async with asyncio.timeout(seconds):
                         return await op()
                 except (bexc.BotoCoreError, bexc.ClientError, aiohttp.ClientError, OSError) as exc:
                     raise translate(exc) from exc
                 except TimeoutError as exc:
-                    raise TransientError(f"s3 request timed out after {self._timeout}s") from exc
+                    raise TransientError(f"s3 request timed out after {seconds:.0f}s") from exc
         raise AssertionError("unreachable: tenacity reraises")
 
-    async def ensure_bucket(self) -> None:
-        async def op() -> None:
-            try:
-                await self._s3.head_bucket(Bucket=self.bucket)
-            except bexc.ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
-                    raise
-                try:
-                    await self._s3.create_bucket(Bucket=self.bucket)
-                except bexc.ClientError as create_exc:
-                    code = create_exc.response.get("Error", {}).get("Code")
-                    if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                        raise
+    async def _repair(self, cause: BlockCause) -> None:
+        """A missing bucket is created again (someone deleted it, or it was never
+        made); whether that worked, the blocked call's next try tells."""
+        if cause == "no_bucket":
+            with contextlib.suppress(CefError):
+                await self._attempts_of(self._ensure_bucket, self._timeout)
 
-        await self._call(op)
+    async def ensure_bucket(self) -> None:
+        await self._call(self._ensure_bucket)
+
+    async def _ensure_bucket(self) -> None:
+        try:
+            await self._s3.head_bucket(Bucket=self.bucket)
+        except bexc.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+                raise
+            try:
+                await self._s3.create_bucket(Bucket=self.bucket)
+            except bexc.ClientError as create_exc:
+                code = create_exc.response.get("Error", {}).get("Code")
+                if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
 
     async def create_multipart(self, key: str, content_type: str) -> str:
         reply = await self._call(
@@ -200,7 +275,8 @@ class S3Store:
                 PartNumber=number,
                 Body=PartBody(body),  # a fresh one per attempt: it is consumed
                 ContentMD5=md5_b64,
-            )
+            ),
+            body_size=len(body),
         )
         return _etag(reply["ETag"])
 
@@ -260,7 +336,8 @@ class S3Store:
         reply = await self._call(
             lambda: self._s3.put_object(
                 Bucket=self.bucket, Key=key, Body=body, ContentMD5=md5_b64, ContentType=content_type
-            )
+            ),
+            body_size=len(body),
         )
         return _etag(reply["ETag"])
 

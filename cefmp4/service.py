@@ -26,6 +26,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from cefmp4.archive import EventArchive, archive_through
+from cefmp4.blocked import Blocked
 from cefmp4.config import Config
 from cefmp4.consumerloop import GroupConsumer, Handler
 from cefmp4.deps import Deps, utcnow
@@ -82,6 +83,8 @@ class Service:
     ) -> None:
         events = EventLog(redis, config.events_key, config.replica)
         self.metrics = Metrics(registry)
+        self.blocked = Blocked(self.metrics.blocked)  # S3 calls wait while it says so
+        store = store.waiting_while_blocked(self.blocked)
         archive = EventArchive(store, config.event_archive_prefix)
         projection = LiveProjection(
             events,
@@ -142,8 +145,9 @@ class Service:
 
     async def start(self) -> None:
         """Make sure the bucket and groups exist and replay the log."""
-        # S3 may be unreachable at start for minutes: wait for it rather than
-        # exit (the files on disk are the buffer meanwhile).
+        # S3 may be unreachable, or refuse our keys, at start for minutes: wait
+        # for it rather than exit (the files on disk are the buffer meanwhile).
+        # A blocked deployment is waited out inside the store (``Blocked``).
         async for attempt in transient(attempts=None, max_wait=30.0):
             with attempt:
                 await self.deps.store.ensure_bucket()

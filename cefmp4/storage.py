@@ -4,7 +4,8 @@ A hand-written, narrow interface listing only the S3 calls the service makes,
 so that a second backend (or a fault-injecting wrapper in a test) has little to
 implement and one contract test suite (``tests/test_storage_contract.py``) can
 pin the behaviour we rely on. Implementations raise only the project's error
-tree: ``TransientError`` (retry), ``NoSuchUpload``, ``PermanentError``.
+tree: ``TransientError`` (retry), ``DeploymentBlocked`` (unless waited out),
+``NoSuchUpload``, ``PermanentError``.
 
 The store is the source of truth for what is uploaded; the log's record of
 parts is a cache that a reconcile re-derives from ``list_parts`` after a crash.
@@ -16,6 +17,8 @@ from datetime import datetime
 from typing import Protocol
 
 import msgspec
+
+from cefmp4.blocked import Blocked
 
 
 class RemotePart(msgspec.Struct, frozen=True):
@@ -37,6 +40,10 @@ class ObjectInfo(msgspec.Struct, frozen=True):
 
 class ObjectStore(Protocol):
     bucket: str
+
+    def waiting_while_blocked(self, blocked: Blocked) -> ObjectStore:
+        """The same store, whose calls wait while the deployment is blocked."""
+        ...
 
     async def ensure_bucket(self) -> None: ...
 

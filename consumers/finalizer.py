@@ -26,11 +26,18 @@ import structlog
 
 from cefmp4 import files
 from cefmp4.deps import Deps
-from cefmp4.errors import NoSuchUpload, PermanentError
+from cefmp4.errors import NoSuchUpload, PermanentError, StreamEnded
 from cefmp4.events import Event, StreamCompleted, StreamIdle
 from cefmp4.leases import Fence
-from cefmp4.partplan import Span, capacity, final_parts, fits_single_put
-from consumers.uploads import CONTENT_TYPE, Uploads, first_failure, matches, md5_of
+from cefmp4.partplan import Span, final_parts, fits_single_put
+from consumers.uploads import (
+    CONTENT_TYPE,
+    Uploads,
+    check_size,
+    first_failure,
+    matches,
+    md5_of,
+)
 from projections.streams import Part, StreamState
 
 log = structlog.get_logger(__name__)
@@ -56,6 +63,7 @@ class Finalizer:
             s, fence = held
             started = time.monotonic()
             async with self._uploads.stream_slots:
+                # Unreadable, empty, too large, ...: raised for the supervisor.
                 try:
                     await self._finalize(s, event, fence)
                 except (FileMoved, files.FileGone, files.FileShrank) as exc:
@@ -64,9 +72,6 @@ class Finalizer:
                         stream_id=s.stream_id,
                         why=str(exc),
                     )
-                    return
-                except files.FileUnreadable as exc:
-                    await self._uploads.fail(s, fence, "unreadable", str(exc))
                     return
             self._deps.metrics.finalize_seconds.observe(time.monotonic() - started)
 
@@ -82,15 +87,8 @@ class Finalizer:
         current = self._unchanged(s, idle)
         chunk = self._deps.config.chunk_size_bytes
         if current.size == 0:
-            await self._uploads.fail(
-                s, fence, "empty", "the file stayed empty until the idle timeout"
-            )
-            return
-        if current.size > capacity(chunk):
-            await self._uploads.fail(
-                s, fence, "too_large", f"{current.size} bytes exceed {capacity(chunk)}"
-            )
-            return
+            raise StreamEnded("empty", "the file stayed empty until the idle timeout")
+        check_size(current.size, chunk)
         if s.upload_id is None and fits_single_put(current.size, chunk):
             etag, sha256 = await self._put_small(s, idle)
             parts = 0
@@ -157,7 +155,7 @@ class Finalizer:
             try:
                 return await self._complete(s, upload_id, layout), sha256, len(spans)
             except PermanentError as exc:
-                if exc.reason != "s3_invalidpart" or attempt == 2:
+                if exc.reason != "s3_invalid_part" or attempt == 2:
                     raise
                 # The store does not have a part the log says it has: list the
                 # parts again, send what is missing, and try once more.

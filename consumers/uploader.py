@@ -20,7 +20,7 @@ from cefmp4.errors import NoSuchUpload
 from cefmp4.events import BytesAvailable, Event, FileDeleted, FileSeen, FileTruncated
 from cefmp4.leases import Fence
 from cefmp4.partplan import whole_parts
-from consumers.uploads import Uploads, matches
+from consumers.uploads import Uploads, check_size, matches
 from projections.streams import StreamState
 
 log = structlog.get_logger(__name__)
@@ -60,6 +60,7 @@ class Uploader:
         if current is None or current.inode != s.inode:
             return  # the watcher reports what happened to the path
         chunk = self._deps.config.chunk_size_bytes
+        check_size(current.size, chunk)  # past 5 TiB it can never complete: stop now
         spans = list(whole_parts(current.size, chunk))
         if not spans or all(matches(s.parts.get(sp.number), sp) for sp in spans):
             return

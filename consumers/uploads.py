@@ -11,7 +11,10 @@ may be handled twice and a process may die between any two steps:
   be sent again. The store is the truth; the log's parts are its cache.
 * ``send`` reads, hashes and uploads parts, ``PART_CONCURRENCY`` at a time per
   stream; memory is bounded by the parts in flight.
-* ``fail`` aborts the upload (so nothing is left open) and records why.
+* ``failer`` is the consumer supervisor's one way to end a stream: it aborts
+  the upload (so nothing is left open), logs, records why and counts it.
+  Handlers never fail a stream themselves; they raise (``StreamEnded`` and
+  the other ``PermanentError`` kinds) and the supervisor calls it.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ import structlog
 
 from cefmp4 import files
 from cefmp4.deps import Deps
-from cefmp4.errors import NoSuchUpload, PermanentError
-from cefmp4.events import PartUploaded, StreamFailed, UploadStarted
+from cefmp4.errors import NoSuchUpload, PermanentError, StreamEnded
+from cefmp4.events import FailReason, PartUploaded, StreamFailed, UploadStarted
 from cefmp4.leases import Fence
-from cefmp4.partplan import Span, part_offset
+from cefmp4.partplan import Span, max_object_size, part_offset
 from projections.streams import Part, StreamState
 
 log = structlog.get_logger(__name__)
@@ -53,6 +56,14 @@ def first_failure() -> Iterator[None]:
         raise group_error.exceptions[0] from None
 
 
+def check_size(size: int, chunk: int) -> None:
+    """Raise ``StreamEnded("too_large")`` for a file that can never be one
+    object, before a byte of it is read (the uploader and the finalizer both ask)."""
+    limit = max_object_size(chunk)
+    if size > limit:
+        raise StreamEnded("too_large", f"{size} bytes exceed the object size limit {limit}")
+
+
 def matches(part: Part | None, span: Span) -> bool:
     """A recorded part stands for ``span`` only if it covers the same bytes."""
     return part is not None and part.offset == span.offset and part.size == span.size
@@ -72,13 +83,14 @@ class Uploads:
     @asynccontextmanager
     async def working_on(self, stream_id: str) -> AsyncIterator[tuple[StreamState, Fence] | None]:
         """Hold the stream (lock + lease) and yield its current state, or None
-        when there is nothing to do: unknown, ended, or gone from disk (then
-        the upload is aborted and the stream failed here, whoever noticed)."""
+        when there is nothing to do (unknown or ended). Raises ``StreamEnded``
+        when the watcher reported it gone from disk, whichever group notices:
+        the supervisor then aborts the upload and records the end."""
         async with self._deps.locks.hold(stream_id) as fence:
             s = (await self._deps.projection.catch_up()).streams.get(stream_id)
             if s is not None and not s.terminal and s.gone is not None:
-                await self.fail(s, fence, s.gone, f"{s.path} {s.gone}")
-            if s is None or s.terminal or s.gone is not None:
+                raise StreamEnded(s.gone, f"{s.path} {s.gone}")
+            if s is None or s.terminal:
                 yield None
             else:
                 yield s, fence
@@ -219,17 +231,10 @@ class Uploads:
         self._deps.metrics.bytes.inc(span.size)
         return etag
 
-    async def fail(self, s: StreamState, fence: Fence, reason: str, detail: str = "") -> None:
-        """End the stream without an object: abort the upload, then say why."""
+    async def abort(self, s: StreamState, fence: Fence) -> None:
+        """Abort the stream's upload, if any, so nothing is left open."""
         if s.upload_id is not None:
             await self._abort_quietly(s.key, s.upload_id, fence)
-        level = log.info if reason in ("deleted", "truncated") else log.error
-        level("stream failed", stream_id=s.stream_id, path=s.path, reason=reason, detail=detail)
-        await self._deps.emit(
-            StreamFailed(stream_id=s.stream_id, at=self._deps.now(), reason=reason, detail=detail),
-            fence,
-        )
-        self._deps.metrics.failed.labels(reason).inc()
 
     async def _abort_quietly(self, key: str, upload_id: str, fence: Fence) -> None:
         await fence.lease.check()  # a replica that lost the stream must not abort it
@@ -243,19 +248,30 @@ class Uploads:
             log.error("abort failed; upload left for gc", key=key, error=str(exc))
 
 
-def failer(deps: Deps, uploads: Uploads) -> Callable[[str, str, str], Awaitable[None]]:
-    """The consumer supervisor's way to end a stream after an unrecoverable error."""
+# The recorder's doing, not a loss: logged at INFO; every other reason at ERROR.
+EXPECTED_ENDS: frozenset[FailReason] = frozenset({"deleted", "truncated"})
 
-    async def fail(stream_id: str, reason: str, detail: str) -> None:
+
+def failer(deps: Deps, uploads: Uploads) -> Callable[[str, FailReason, str], Awaitable[None]]:
+    """The consumer supervisor's one way to end a stream without an object:
+    abort its upload, log, append ``StreamFailed`` and count it."""
+
+    async def fail(stream_id: str, reason: FailReason, detail: str) -> None:
+        event = StreamFailed(stream_id=stream_id, at=deps.now(), reason=reason, detail=detail)
         async with deps.locks.hold(stream_id) as fence:
             s = (await deps.projection.catch_up()).streams.get(stream_id)
+            say = log.info if reason in EXPECTED_ENDS else log.error
             if s is not None and not s.terminal:
-                await uploads.fail(s, fence, reason, detail)
+                await uploads.abort(s, fence)
+                say("stream failed", stream_id=stream_id, path=s.path, reason=reason,
+                    detail=detail)  # fmt: skip
+                await deps.emit(event, fence)
+                deps.metrics.failed.labels(reason).inc()
                 return
         # Terminal already (e.g. the sidecar of a completed stream failed): the
-        # event still records why; the fold keeps the completion.
-        await deps.emit(
-            StreamFailed(stream_id=stream_id, at=deps.now(), reason=reason, detail=detail)
-        )
+        # event still records why; the fold keeps the completion. Not counted
+        # as a failed stream: its object may well exist.
+        say("failure after the stream ended", stream_id=stream_id, reason=reason, detail=detail)
+        await deps.emit(event)
 
     return fail

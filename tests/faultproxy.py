@@ -38,8 +38,12 @@ then opens a new connection and meets a new fate.
 guaranteed to get through eventually; ``enabled = False`` makes new
 connections transparent; ``down = True`` is an outage: live connections are
 reset and every new one is reset at once (counted as ``refused``, not as a
-fault) until ``down`` is cleared. ``injected`` counts what actually happened,
-so a test can prove its faults fired.
+fault) until ``down`` is cleared. ``deny = True`` is a blocked deployment
+(revoked keys, a broken bucket policy): live connections are reset and every
+request on a new one is answered ``403 AccessDenied`` with S3's XML body,
+without reaching S3 (counted as ``denied``), until ``deny`` is cleared.
+``injected`` counts what actually happened, so a test can prove its faults
+fired.
 """
 
 from __future__ import annotations
@@ -66,13 +70,25 @@ SLOWDOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n'
     b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
 )
-SLOWDOWN_HEAD = (
-    b"HTTP/1.1 503 Slow Down\r\n"
-    b"Content-Type: application/xml\r\n"
-    b"Content-Length: " + str(len(SLOWDOWN_BODY)).encode() + b"\r\n"
-    b"Connection: close\r\n"
-    b"\r\n"
+DENIED_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n'
+    b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
 )
+
+
+def _head(status: bytes, body: bytes) -> bytes:
+    """An error answer's head; ``Connection: close`` so no request follows it."""
+    return (
+        b"HTTP/1.1 " + status + b"\r\n"
+        b"Content-Type: application/xml\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+        b"Connection: close\r\n"
+        b"\r\n"
+    )
+
+
+SLOWDOWN_HEAD = _head(b"503 Slow Down", SLOWDOWN_BODY)
+DENIED_HEAD = _head(b"403 Forbidden", DENIED_BODY)
 
 
 @dataclass
@@ -84,6 +100,7 @@ class Injected:
     stall: int = 0
     lost_response: int = 0
     refused: int = 0  # connections reset while ``down``; an outage, not a fault
+    denied: int = 0  # requests answered AccessDenied while ``deny``; not a fault
     idle_closed: int = 0  # quiet connections closed (``idle_close_seconds``); not a fault
 
     @property
@@ -149,6 +166,7 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._planned = 0
         self._down = False
+        self._deny = False
         self._server: asyncio.Server | None = None
         self._port = 0
         self._clients: set[asyncio.StreamWriter] = set()
@@ -176,6 +194,17 @@ class FaultProxy:
     def down(self, value: bool) -> None:
         self._down = value
         if value:
+            for writer in list(self._clients):
+                _abort(writer)
+
+    @property
+    def deny(self) -> bool:
+        return self._deny
+
+    @deny.setter
+    def deny(self, value: bool) -> None:
+        self._deny = value
+        if value:  # a kept-alive connection would carry the next request past the denial
             for writer in list(self._clients):
                 _abort(writer)
 
@@ -232,10 +261,12 @@ class FaultProxy:
         self._clients.add(writer)
         self.connections += 1
         try:
-            fault, cut = (None, 0) if self._down else self._plan()
+            fault, cut = (None, 0) if self._down or self._deny else self._plan()
             if self._down:
                 self.injected.refused += 1
                 _abort(writer)
+            elif self._deny:
+                await self._deny_request(reader, writer)
             elif fault == "reset" and cut == 0:
                 self.injected.reset += 1
                 _abort(writer)
@@ -259,13 +290,32 @@ class FaultProxy:
             self._tasks.discard(task)
 
     async def _slow_down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = b""
-        with contextlib.suppress(asyncio.LimitOverrunError):  # a huge head is a head too
-            head = await reader.readuntil(b"\r\n\r\n")
-        # The answer to HEAD has no body (a client would read it as the next answer).
-        writer.write(SLOWDOWN_HEAD if head.startswith(b"HEAD ") else SLOWDOWN_HEAD + SLOWDOWN_BODY)
-        await writer.drain()
+        await self._answer(reader, writer, SLOWDOWN_HEAD, SLOWDOWN_BODY)
         self.injected.slowdown += 1
+        await self._drop_the_rest(reader, writer)
+
+    async def _deny_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self._answer(reader, writer, DENIED_HEAD, DENIED_BODY)
+        self.injected.denied += 1
+        await self._drop_the_rest(reader, writer)
+
+    @staticmethod
+    async def _answer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, body: bytes
+    ) -> None:
+        """Answer the request in place of S3 once its head is in."""
+        request = b""
+        with contextlib.suppress(asyncio.LimitOverrunError):  # a huge head is a head too
+            request = await reader.readuntil(b"\r\n\r\n")
+        # The answer to HEAD has no body (a client would read it as the next answer).
+        writer.write(head if request.startswith(b"HEAD ") else head + body)
+        await writer.drain()
+
+    @staticmethod
+    async def _drop_the_rest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Close our side, then read and drop a body still on its way."""
         writer.write_eof()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_SLOWDOWN_DRAIN_SECONDS):

@@ -185,3 +185,38 @@ async def test_same_seed_same_fates(s3_endpoint: S3Endpoint, bucket: str) -> Non
     first = await fates(7)
     assert first == await fates(7)
     assert {"ok", "SlowDown"} <= set(first), first
+
+
+async def test_deny_answers_access_denied_until_cleared(
+    s3_endpoint: S3Endpoint, s3_client: Any, bucket: str
+) -> None:
+    async with FaultProxy.to(s3_endpoint.url) as proxy:
+        client = client_via(proxy, s3_endpoint)
+        assert (
+            await asyncio.to_thread(outcome, lambda: client.list_objects_v2(Bucket=bucket)) == "ok"
+        )
+        proxy.deny = True  # also resets the kept-alive connection
+        # The client may notice the reset on its pooled connection first.
+        first = await asyncio.to_thread(outcome, lambda: client.list_objects_v2(Bucket=bucket))
+        assert first in ("connection error", "AccessDenied")
+        with pytest.raises(bexc.ClientError) as listed:
+            await asyncio.to_thread(client.list_objects_v2, Bucket=bucket)
+        with pytest.raises(bexc.ClientError) as put:  # a body still on its way
+            await asyncio.to_thread(
+                client.put_object, Bucket=bucket, Key="denied", Body=os.urandom(6 * MiB)
+            )
+        with pytest.raises(bexc.ClientError) as headed:  # no body: the code is the status
+            await asyncio.to_thread(client.head_bucket, Bucket=bucket)
+        denied = proxy.injected.denied
+        proxy.deny = False
+        assert (
+            await asyncio.to_thread(outcome, lambda: client.list_objects_v2(Bucket=bucket)) == "ok"
+        )
+        client.close()
+    for raised in (listed, put):
+        assert raised.value.response["Error"]["Code"] == "AccessDenied"
+        assert raised.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert headed.value.response["Error"]["Code"] == "403"
+    assert denied == proxy.injected.denied == 3 + (first == "AccessDenied")
+    assert proxy.injected.faults == 0
+    assert s3_client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0

@@ -12,19 +12,20 @@ sets the length of an outage.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from cefmp4.events import FileSeen, StreamFailed
 from cefmp4.localservers import RedisServer, S3Endpoint
 from tests import mp4gen
 from tests.faultproxy import FaultProxy
-from tests.harness import History, MiB, log_only, open_uploads, running
+from tests.harness import History, MiB, log_only, objects, open_uploads, running
 from tests.test_pipeline import assert_clean, assert_stored
 
 S3_TIMEOUT = 2.0  # per request; a stall must outlast it
@@ -204,3 +205,115 @@ async def test_lost_create_response_leaves_no_orphan_upload(
     if proxy.injected.lost_response != 1:  # not an AssertionError: the fault must fire
         raise RuntimeError(f"the fault did not fire: {proxy.injected}")
     assert [u["UploadId"] for u in open_uploads(s3_client, bucket)] == [upload_id]
+
+
+def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return sum(
+        s.value
+        for m in registry.collect()
+        for s in m.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+async def until_true(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll ``check`` (a condition, not a sleep) until it holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def blocked_lines(logs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """The blocked / unblocked story the operator sees."""
+    return [
+        (e["log_level"], e["event"].split(":")[0])
+        for e in logs
+        if e["event"].startswith(("deployment blocked", "deployment unblocked"))
+    ]
+
+
+async def test_access_denied_for_a_while_then_back(
+    make_config: Any, watch: Path, recording: Path, sources: mp4gen.Mp4Sources,
+    s3_endpoint: S3Endpoint, s3_client: Any, bucket: str,
+) -> None:  # fmt: skip
+    """Revoked keys for a while: every recording waits on disk, none fails,
+    and all of them go up byte-exact once S3 accepts again."""
+    growing, small, large = watch / "growing.mp4", watch / "small.mp4", watch / "large.mp4"
+    expected = {
+        growing: recording.read_bytes(),
+        small: sources.regular.read_bytes(),
+        large: sources.large.read_bytes(),
+    }
+    async with FaultProxy.to(s3_endpoint.url) as proxy:
+        config = make_config(s3_endpoint_url=proxy.url, s3_timeout_seconds=S3_TIMEOUT)
+        with capture_logs() as logs:
+            async with running(config) as h:
+
+                def blocked() -> float:
+                    return metric(h.registry, "cefmp4_blocked", cause="permissions")
+
+                with growing.open("wb") as f:
+                    await write(f, expected[growing][: 6 * MiB])
+                    await h.until(has_part(growing, 1), what="part 1 before the denial")
+                    proxy.deny = True
+                    await write(f, expected[growing][6 * MiB :])
+                await asyncio.to_thread(small.write_bytes, expected[small])
+                await asyncio.to_thread(large.write_bytes, expected[large])
+                await until_true(lambda: blocked() == 1, "the service to report blocked")
+                # Every recording went idle while denied, so the finalizers met
+                # the denial too; nothing was failed for it.
+                during = await h.until(
+                    lambda p: all((s := p.for_path(str(f))) is not None and s.idle is not None
+                                  for f in expected),
+                    what="every recording idle while denied",
+                )  # fmt: skip
+                assert not any(s.terminal for s in during.streams.values())
+                assert blocked() == 1
+                proxy.deny = False
+                states = {path: await h.terminal(path) for path in expected}
+                assert blocked() == 0
+                failed = [e for _, e in await h.events() if isinstance(e, StreamFailed)]
+    assert proxy.injected.denied > 0
+    assert not failed
+    for path, state in states.items():
+        assert_stored(s3_client, bucket, state, expected[path])
+    assert_clean(s3_client, bucket, 3)
+    assert_no_crash(h.registry)
+    assert blocked_lines(logs) == [
+        ("warning", "deployment blocked"),
+        ("info", "deployment unblocked"),
+    ], blocked_lines(logs)
+
+
+async def test_service_starts_while_access_is_denied(
+    make_config: Any, watch: Path, sources: mp4gen.Mp4Sources, s3_endpoint: S3Endpoint,
+    s3_client: Any, bucket: str,
+) -> None:  # fmt: skip
+    """Denied at start: the service waits at ensure_bucket (no crash), says so
+    once, and uploads what it finds once S3 accepts."""
+    dst = watch / "waiting.mp4"
+    async with FaultProxy.to(s3_endpoint.url) as proxy:
+        proxy.deny = True
+        config = make_config(s3_endpoint_url=proxy.url, s3_timeout_seconds=S3_TIMEOUT)
+        with capture_logs() as logs:
+            async with running(config) as h:
+                await until_true(
+                    lambda: metric(h.registry, "cefmp4_blocked", cause="permissions") == 1,
+                    "start to report blocked",
+                )
+                await asyncio.to_thread(dst.write_bytes, sources.regular.read_bytes())
+                proxy.deny = False
+                state = await h.terminal(dst)
+                assert metric(h.registry, "cefmp4_blocked") == 0
+    assert proxy.injected.denied > 0
+    assert_stored(s3_client, bucket, state, sources.regular.read_bytes())
+    assert_clean(s3_client, bucket, 1)
+    assert_no_crash(h.registry)
+    assert blocked_lines(logs) == [
+        ("warning", "deployment blocked"),
+        ("info", "deployment unblocked"),
+    ]
+    assert objects(s3_client, bucket)  # the bucket is there and holds the recording

@@ -1,15 +1,18 @@
 """Invariants of the part planner (after tusd's calcpartsize_test)."""
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cefmp4.partplan import (
+    MAX_OBJECT_SIZE,
     MAX_PART_SIZE,
     MAX_PARTS,
     MIN_PART_SIZE,
     capacity,
     final_parts,
     fits_single_put,
+    max_object_size,
     part_offset,
     part_size,
     whole_part_count,
@@ -26,7 +29,7 @@ sizes = st.integers(min_value=0, max_value=6 * TiB)
 
 @given(chunk=chunks, size=sizes)
 def test_final_parts_tile_the_file(chunk: int, size: int) -> None:
-    if size > capacity(chunk):
+    if size > max_object_size(chunk):
         return
     spans = final_parts(size, chunk)
     assert sum(s.size for s in spans) == size
@@ -41,7 +44,7 @@ def test_final_parts_tile_the_file(chunk: int, size: int) -> None:
 
 @given(chunk=chunks, size=sizes)
 def test_every_non_last_part_is_at_least_5_mib(chunk: int, size: int) -> None:
-    if size > capacity(chunk):
+    if size > max_object_size(chunk):
         return
     spans = final_parts(size, chunk)
     for span in spans[:-1]:
@@ -52,7 +55,7 @@ def test_every_non_last_part_is_at_least_5_mib(chunk: int, size: int) -> None:
 def test_boundaries_do_not_depend_on_growth(chunk: int, small: int, grow: int) -> None:
     """Parts sent while growing are exactly the prefix of the final plan."""
     final_size = small + grow
-    if final_size > capacity(chunk):
+    if final_size > max_object_size(chunk):
         return
     early = list(whole_parts(small, chunk))
     final = final_parts(final_size, chunk)
@@ -64,6 +67,19 @@ def test_boundaries_do_not_depend_on_growth(chunk: int, small: int, grow: int) -
 @given(chunk=st.integers(min_value=10 * MiB, max_value=5 * 1024 * MiB))
 def test_five_tib_fits_for_default_and_larger_chunks(chunk: int) -> None:
     assert capacity(chunk) >= 5 * TiB
+    assert max_object_size(chunk) == MAX_OBJECT_SIZE == 5 * TiB
+
+
+@given(chunk=chunks, over=st.integers(min_value=1, max_value=5 * TiB))
+def test_too_large_is_rejected_at_the_real_limit(chunk: int, over: int) -> None:
+    """Past S3's 5 TiB (or the plan's capacity, if smaller) nothing is planned;
+    at the limit the plan still fits in MAX_PARTS parts."""
+    limit = max_object_size(chunk)
+    assert limit == min(capacity(chunk), 5 * TiB)
+    with pytest.raises(ValueError, match="exceed"):
+        final_parts(limit + over, chunk)
+    at_limit = final_parts(limit, chunk)
+    assert len(at_limit) <= MAX_PARTS and at_limit[-1].end == limit
 
 
 @given(chunk=chunks, number=st.integers(min_value=1, max_value=MAX_PARTS))

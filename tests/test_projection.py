@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import get_args
 
 import msgspec
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from cefmp4.events import (
     BytesAvailable,
     Event,
+    FailReason,
     FileDeleted,
     FileSeen,
     FileTruncated,
@@ -102,7 +104,7 @@ events: st.SearchStrategy[Event] = st.one_of(
         duration_seconds=st.none() | st.floats(0, 100),
         error=st.none() | short,
     ),
-    st.builds(StreamFailed, **common, reason=short, detail=short),
+    st.builds(StreamFailed, **common, reason=st.sampled_from(get_args(FailReason)), detail=short),
     st.builds(FileDeleted, **common, path=paths),
     st.builds(FileTruncated, **common, path=paths, size=small),
     st.builds(RetryRequested, **common, path=paths),
@@ -223,10 +225,10 @@ def test_stream_failed_does_not_override_completed() -> None:
     # completion stands, the reason is kept, and the stream is settled.
     state = fold(None, seen("s1", "/w/a.mp4"))
     done = fold(state, completed("s1", etag="e1"))
-    after = fold(done, StreamFailed(stream_id="s1", at=T0, reason="s3_denied"))
+    after = fold(done, StreamFailed(stream_id="s1", at=T0, reason="s3_rejected"))
     assert done is not None and not done.settled
     assert after is not None and after.completion == done.completion
-    assert after.status == "completed" and after.failure_reason == "s3_denied"
+    assert after.status == "completed" and after.failure_reason == "s3_rejected"
     assert after.settled
 
 
@@ -243,7 +245,7 @@ def test_completed_after_failed_records_the_object() -> None:
     # The opposite order is allowed on purpose: a completion proves an object
     # exists, which is the more important fact.
     state = fold(
-        fold(None, seen("s1", "/w/a.mp4")), StreamFailed(stream_id="s1", at=T0, reason="x")
+        fold(None, seen("s1", "/w/a.mp4")), StreamFailed(stream_id="s1", at=T0, reason="deleted")
     )
     assert state is not None and state.status == "failed"
     done = fold(state, completed("s1", etag="e1"))
@@ -401,7 +403,7 @@ def test_state_is_bounded_by_open_streams_and_files(log: list[Event]) -> None:
     tail: list[Event] = []
     for s in list(projection.streams.values()):
         if not s.terminal:
-            tail.append(StreamFailed(stream_id=s.stream_id, at=T0, reason="x"))
+            tail.append(StreamFailed(stream_id=s.stream_id, at=T0, reason="internal_error"))
         tail.append(MetadataWritten(stream_id=s.stream_id, at=T0, key="m", duration_seconds=None))
     for event in tail:
         projection.apply("9-0", event)

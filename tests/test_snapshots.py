@@ -171,7 +171,7 @@ def recording(sid: str, path: str, parts: int, *, end: str = "completed") -> lis
     out.append(StreamIdle(stream_id=sid, at=at, size=parts * 100, mtime_ns=parts,
                           reason="settled", mp4="complete"))  # fmt: skip
     if end == "failed":
-        out.append(StreamFailed(stream_id=sid, at=at, reason="s3_denied", detail="403"))
+        out.append(StreamFailed(stream_id=sid, at=at, reason="s3_rejected", detail="403"))
         return out
     out.append(StreamCompleted(stream_id=sid, at=at, bucket="b", key=f"k/{sid}",
                                size=parts * 100, etag=f"x-{parts}", sha256="h",

@@ -116,7 +116,7 @@ async def test_small_non_last_part_at_completion(
         with pytest.raises(PermanentError) as caught:
             await store.complete_multipart(key, upload_id, [(1, e1), (2, e2)])
         assert not isinstance(caught.value, NoSuchUpload)
-        assert "entitytoosmall" in caught.value.reason
+        assert caught.value.reason == "s3_rejected" and "EntityTooSmall" in str(caught.value)
         await store.abort_multipart(key, upload_id)
     else:
         await store.complete_multipart(key, upload_id, [(1, e1), (2, e2)])

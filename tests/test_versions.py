@@ -34,10 +34,12 @@ from cefmp4.eventlog import EventLog
 from cefmp4.events import (
     CODEC,
     EVENT_TYPES,
+    UPCASTERS,
     BytesAvailable,
     Codec,
     Event,
     FileSeen,
+    StreamFailed,
     UnknownEvent,
     decode,
     encode,
@@ -118,8 +120,11 @@ def with_type(cls: type[Event]) -> list[type[Event]]:
     return [cls if name == cls.__name__ else c for name, c in EVENT_TYPES.items()]
 
 
-CODEC_V2 = Codec(with_type(v2.FileSeen), {("FileSeen", 1): seen_v1_v2})
-CODEC_V3 = Codec(with_type(v3.FileSeen), {("FileSeen", 1): seen_v1_v2, ("FileSeen", 2): seen_v2_v3})
+CODEC_V2 = Codec(with_type(v2.FileSeen), {**UPCASTERS, ("FileSeen", 1): seen_v1_v2})
+CODEC_V3 = Codec(
+    with_type(v3.FileSeen),
+    {**UPCASTERS, ("FileSeen", 1): seen_v1_v2, ("FileSeen", 2): seen_v2_v3},
+)
 
 
 # -- versions and the codec ------------------------------------------------------
@@ -170,9 +175,12 @@ def test_the_upcast_path_is_lossless_for_every_type(cls: type[Event], data: st.D
     # decoder; with an identity upcaster both must give the same event
     # (datetimes timezone-aware, floats, literals ...).
     bumped = types.new_class(
-        cls.__name__, (cls,), {"frozen": True, "kw_only": True}, lambda ns: ns.update(VERSION=2)
+        cls.__name__,
+        (cls,),
+        {"frozen": True, "kw_only": True},
+        lambda ns: ns.update(VERSION=cls.VERSION + 1),
     )
-    codec = Codec(with_type(bumped), {(cls.__name__, 1): lambda doc: doc})
+    codec = Codec(with_type(bumped), {**UPCASTERS, (cls.__name__, cls.VERSION): lambda doc: doc})
     event = data.draw(event_strategy(cls))
     decoded = decode(wire(event), codec)
     assert type(decoded) is bumped
@@ -221,11 +229,11 @@ def test_a_codec_refuses_a_gap_in_the_chain() -> None:
     # Old entries stay in the log for good: a version no upcaster reads would
     # make them unreadable, which must fail at import, not during a replay.
     with pytest.raises(ValueError, match="no upcaster from v2"):
-        Codec(with_type(v3.FileSeen), {("FileSeen", 1): seen_v1_v2})
+        Codec(with_type(v3.FileSeen), {**UPCASTERS, ("FileSeen", 1): seen_v1_v2})
     with pytest.raises(ValueError, match="upgrades nothing"):
-        Codec(EVENT_TYPES.values(), {("FileSeen", 1): seen_v1_v2})
+        Codec(EVENT_TYPES.values(), {**UPCASTERS, ("FileSeen", 1): seen_v1_v2})
     with pytest.raises(ValueError, match="upgrades nothing"):
-        Codec(EVENT_TYPES.values(), {("FileRenamed", 1): seen_v1_v2})
+        Codec(EVENT_TYPES.values(), {**UPCASTERS, ("FileRenamed", 1): seen_v1_v2})
 
     class NoVersion(Event, frozen=True, kw_only=True):
         pass
@@ -482,7 +490,7 @@ async def test_undecodable_entries_stay_pending_and_unwanted_ones_are_acked(
     "newer",
     [
         pytest.param(CODEC_V2, id="a known type at a higher version"),
-        pytest.param(Codec([*EVENT_TYPES.values(), v2.FileRenamed]), id="a new type"),
+        pytest.param(Codec([*EVENT_TYPES.values(), v2.FileRenamed], UPCASTERS), id="a new type"),
     ],
 )
 async def test_old_and_new_replicas_side_by_side(
@@ -559,3 +567,27 @@ async def test_a_claim_pass_drains_a_backlog_behind_undecodable_entries(
 
 def _fields(event: Event, drop: str = "") -> dict[str, Any]:
     return {k: v for k, v in msgspec.structs.asdict(event).items() if k != drop}
+
+
+# -- the real upcaster: StreamFailed v1 (free-form reason) -> v2 (closed set) ---
+
+
+@pytest.mark.parametrize(
+    ("old_reason", "old_detail", "reason", "detail"),
+    [
+        ("s3_accessdenied", "denied", "s3_rejected", "s3_accessdenied: denied"),
+        ("s3_invalidpart", "", "s3_invalid_part", "s3_invalidpart"),
+        ("permanent_error", "boom", "internal_error", "permanent_error: boom"),
+        ("something_else", "", "internal_error", "something_else"),
+        ("deleted", "/w/a.mp4 deleted", "deleted", "/w/a.mp4 deleted"),  # already in the set
+    ],
+)
+def test_stream_failed_v1_reasons_map_into_the_closed_set(
+    old_reason: str, old_detail: str, reason: str, detail: str
+) -> None:
+    data = msgspec.json.encode(
+        {"stream_id": "s", "at": "2024-01-01T00:00:00Z", "reason": old_reason, "detail": old_detail}
+    )
+    event = decode({b"type": b"StreamFailed", b"v": b"1", b"data": data})
+    assert isinstance(event, StreamFailed)
+    assert (event.reason, event.detail) == (reason, detail)

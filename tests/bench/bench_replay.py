@@ -134,7 +134,7 @@ def recording(rng: random.Random, n: int, per_stream: int) -> Iterator[Event]:
                      mp4="complete")  # fmt: skip
     fate = rng.random()
     if fate < 0.02:
-        yield StreamFailed(stream_id=sid, at=at, reason="s3_access_denied", detail="403 Forbidden")
+        yield StreamFailed(stream_id=sid, at=at, reason="s3_rejected", detail="403 Forbidden")
         return
     yield StreamCompleted(stream_id=sid, at=at, bucket="video-streams", key=f"streams/{path[11:]}",
                           size=size, etag=f"{rng.getrandbits(128):032x}-{parts + 1}",

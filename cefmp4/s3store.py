@@ -204,6 +204,23 @@ class S3Store:
         )
         return _etag(reply["ETag"])
 
+    async def upload_part_copy(
+        self, key: str, upload_id: str, number: int, source_key: str, offset: int, size: int
+    ) -> str:
+        if size < 1:
+            raise ValueError(f"cannot copy an empty range into part {number}")
+        reply = await self._call(
+            lambda: self._s3.upload_part_copy(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": self.bucket, "Key": source_key},
+                CopySourceRange=f"bytes={offset}-{offset + size - 1}",  # inclusive end
+            )
+        )
+        return _etag(reply["CopyPartResult"]["ETag"])
+
     async def list_parts(self, key: str, upload_id: str) -> list[RemotePart]:
         parts: list[RemotePart] = []
         marker = 0

@@ -49,3 +49,8 @@ class Metrics:
             ["group", "type"],
             registry=registry,
         )
+        self.bytes_copied = Counter(
+            "cefmp4_bytes_copied",
+            "Bytes copied inside S3 from the object a continued recording extends (not sent)",
+            registry=registry,
+        )

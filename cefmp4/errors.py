@@ -76,5 +76,11 @@ class NoSuchUpload(PermanentError):
     reason = "no_such_upload"
 
 
+class NoSuchKey(PermanentError):
+    """An object the call reads is not there (the source of an UploadPartCopy)."""
+
+    reason = "s3_rejected"
+
+
 class ConfigError(CefError):
     """A configuration value is missing or not allowed; the CLI exits with code 2."""

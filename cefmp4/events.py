@@ -69,6 +69,28 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     at: UtcDatetime  # UTC, timezone-aware
 
 
+# gc=False: scalars and a tuple of strings, never in a cycle; a StreamState
+# holds it (see projections.streams on untracked state).
+class Continues(msgspec.Struct, frozen=True, gc=False):
+    """The completed object whose file a new stream's file extends: the
+    recorder paused past the idle timeout and appended to the same file. The
+    new stream gets its own object with the whole file; parts whose bytes the
+    earlier object already holds are copied inside the store, not sent again.
+
+    Everything the copy needs is here, in the log (the projection's record of
+    the path is replaced when the new stream finishes, and another replica may
+    handle it). The earlier object's parts are ``cefmp4.partplan``'s
+    ``final_parts(size, part_size)``; ``part_md5s`` has the hex MD5 of each
+    one's bytes, in part order (empty for an object made by one PutObject).
+    """
+
+    stream_id: str
+    key: str
+    size: int
+    part_size: int = 0  # the size of its part 1, i.e. the chunk size it was planned with
+    part_md5s: tuple[str, ...] = ()
+
+
 class FileSeen(Event, frozen=True, kw_only=True):
     """A new recording: a path that has no live stream, or new content at it."""
 
@@ -81,6 +103,9 @@ class FileSeen(Event, frozen=True, kw_only=True):
     size: int
     mtime_ns: int
     inode: int
+    # Optional (added without a version bump): a replica that does not know it
+    # uploads the whole file instead of copying the unchanged parts.
+    continues: Continues | None = None
 
 
 class BytesAvailable(Event, frozen=True, kw_only=True):
@@ -109,7 +134,10 @@ class PartUploaded(Event, frozen=True, kw_only=True):
     offset: int
     size: int
     etag: str
-    md5: str  # hex MD5 of the bytes sent (also sent as Content-MD5)
+    md5: str  # hex MD5 of the bytes sent (also sent as Content-MD5), or copied
+    # The bytes were copied inside the store from the object the stream
+    # continues (FileSeen.continues), not sent; ``etag`` is then the store's.
+    copied: bool = False
 
 
 class StreamIdle(Event, frozen=True, kw_only=True):

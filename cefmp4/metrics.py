@@ -55,3 +55,8 @@ class Metrics:
             ["cause"],
             registry=registry,
         )
+        self.bytes_copied = Counter(
+            "cefmp4_bytes_copied",
+            "Bytes copied inside S3 from the object a continued recording extends (not sent)",
+            registry=registry,
+        )

@@ -44,6 +44,7 @@ from cefmp4.errors import (
     BlockCause,
     CefError,
     DeploymentBlocked,
+    NoSuchKey,
     NoSuchUpload,
     PermanentError,
     TransientError,
@@ -114,7 +115,7 @@ def boto_config(*, pool: int, timeout: float) -> BotoConfig:
 
 def translate(exc: BaseException) -> Exception:
     """Map a library exception to TransientError / DeploymentBlocked /
-    NoSuchUpload / PermanentError (the S3 code stays in the message)."""
+    NoSuchUpload / NoSuchKey / PermanentError (the S3 code stays in the message)."""
     if isinstance(exc, bexc.ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
@@ -122,6 +123,8 @@ def translate(exc: BaseException) -> Exception:
         message = f"s3 {code or status}: {error.get('Message', exc)}"
         if code == "NoSuchUpload":
             return NoSuchUpload(message)
+        if code == "NoSuchKey":
+            return NoSuchKey(message)
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return TransientError(message)
         cause = _BLOCKED_CODES.get(code) or ("permissions" if not code and status == 403 else None)
@@ -279,6 +282,23 @@ class S3Store:
             body_size=len(body),
         )
         return _etag(reply["ETag"])
+
+    async def upload_part_copy(
+        self, key: str, upload_id: str, number: int, source_key: str, offset: int, size: int
+    ) -> str:
+        if size < 1:
+            raise ValueError(f"cannot copy an empty range into part {number}")
+        reply = await self._call(
+            lambda: self._s3.upload_part_copy(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": self.bucket, "Key": source_key},
+                CopySourceRange=f"bytes={offset}-{offset + size - 1}",  # inclusive end
+            )
+        )
+        return _etag(reply["CopyPartResult"]["ETag"])
 
     async def list_parts(self, key: str, upload_id: str) -> list[RemotePart]:
         parts: list[RemotePart] = []

@@ -53,6 +53,20 @@ class ObjectStore(Protocol):
         self, key: str, upload_id: str, number: int, body: bytes, md5_b64: str
     ) -> str: ...
 
+    async def upload_part_copy(
+        self, key: str, upload_id: str, number: int, source_key: str, offset: int, size: int
+    ) -> str:
+        """Part ``number`` of the upload becomes bytes ``[offset, offset + size)``
+        of the object ``source_key`` in the same bucket, copied inside the store
+        (UploadPartCopy: the bytes do not cross the network). Returns the part's
+        ETag, the one ``list_parts`` reports and completion needs; unlike
+        ``upload_part``'s it need not be the MD5 of the bytes (SeaweedFS returns
+        an ETag of its own chunks), so callers record the MD5 they know. Raises
+        like ``upload_part``; a missing source object is a ``PermanentError``
+        with reason ``s3_nosuchkey``, a range outside it another
+        ``PermanentError``."""
+        ...
+
     async def list_parts(self, key: str, upload_id: str) -> list[RemotePart]: ...
 
     async def list_uploads(self, prefix: str) -> list[RemoteUpload]: ...

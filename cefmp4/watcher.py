@@ -40,7 +40,15 @@ import watchfiles
 
 from cefmp4 import files, mp4
 from cefmp4.deps import Deps
-from cefmp4.events import BytesAvailable, Event, FileDeleted, FileSeen, FileTruncated, StreamIdle
+from cefmp4.events import (
+    BytesAvailable,
+    Continues,
+    Event,
+    FileDeleted,
+    FileSeen,
+    FileTruncated,
+    StreamIdle,
+)
 from cefmp4.leases import Fence
 from cefmp4.watchrules import (
     Action,
@@ -296,8 +304,8 @@ class Watcher:
         are missing (decide never asks for that; this keeps the types honest)."""
         now = self._deps.now()
         match action, current, known:
-            case Seen(), files.FileStat(), _:
-                return self._seen(path, current, now)
+            case Seen(continues=continues), files.FileStat(), _:
+                return self._seen(path, current, now, continues)
             case Forget(), None, FileRecord():
                 log.debug("finished recording left the disk", path=path, stream_id=known.stream_id)
                 return FileDeleted(stream_id=known.stream_id, at=now, path=path)
@@ -332,11 +340,22 @@ class Watcher:
                 )
         return None
 
-    def _seen(self, path: str, current: files.FileStat, now: datetime) -> FileSeen:
+    def _seen(
+        self, path: str, current: files.FileStat, now: datetime, continues: Continues | None
+    ) -> FileSeen:
         stream_id = self._new_id()
         rel = self._rel(path)
         self._idle_sent.pop(path, None)
-        log.info("new recording", path=path, stream_id=stream_id, size=current.size)
+        if continues is None:
+            log.info("new recording", path=path, stream_id=stream_id, size=current.size)
+        else:
+            log.info(
+                "recording continued after completion; a new object holds the whole file",
+                path=path,
+                stream_id=stream_id,
+                size=current.size,
+                continues=continues.stream_id,
+            )
         return FileSeen(
             stream_id=stream_id,
             at=now,
@@ -347,4 +366,5 @@ class Watcher:
             size=current.size,
             mtime_ns=current.mtime_ns,
             inode=current.inode,
+            continues=continues,
         )

@@ -14,7 +14,10 @@ Rules, in order:
   finished one (so the projection drops it: state follows the disk);
 * no stream, or new content where a finished one was, or a retry asked for a
   failed one -> ``Seen`` (a completed object is never overwritten: changed
-  content after completion is a new recording with a new key);
+  content after completion is a new recording with a new key). When the file
+  of a completed object grew under the same inode (the recorder paused past
+  the timeout and went on), the ``Seen`` carries what it continues, so the
+  unchanged parts are copied from the first object instead of sent again;
 * shrank or replaced (new inode) while live -> ``Truncated`` + ``Seen``;
 * grew or patched -> ``Grew``, coalesced: at once when a new whole part
   exists, otherwise when the file pauses;
@@ -28,6 +31,7 @@ from typing import Literal
 
 import msgspec
 
+from cefmp4.events import Continues
 from cefmp4.files import FileStat
 from cefmp4.mp4 import Mp4Status, Mp4Verdict
 from cefmp4.partplan import whole_part_count
@@ -35,7 +39,9 @@ from projections.streams import FileRecord, StreamState, record_of
 
 
 class Seen(msgspec.Struct, frozen=True):
-    pass
+    """A new stream; ``continues`` when its file extends a completed object."""
+
+    continues: Continues | None = None
 
 
 class Grew(msgspec.Struct, frozen=True):
@@ -128,5 +134,18 @@ def _decide_finished(current: FileStat | None, record: FileRecord) -> list[Actio
         record.mtime_ns,
         record.inode,
     ):
-        return [Seen()]
+        return [Seen(_continuation(current, record))]
     return []
+
+
+def _continuation(current: FileStat, record: FileRecord) -> Continues | None:
+    """A completed object's file that grew in place is continued, not replaced.
+
+    Only growth of the same inode: a shrunk or replaced file is other content,
+    and a same-size patch is a rewrite. Which parts are really unchanged is
+    proven part by part later (MD5 of the local bytes against the record), so
+    this only says where to look.
+    """
+    if record.status != "completed" or current.inode != record.inode:
+        return None
+    return record.continues() if current.size > record.size else None

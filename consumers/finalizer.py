@@ -170,8 +170,11 @@ class Finalizer:
         except NoSuchUpload:
             # Completed before a crash swallowed our StreamCompleted? Then the
             # object is there with the multipart ETag of exactly these parts.
+            # (A copied part's ETag need not be an MD5 - SeaweedFS - so then
+            # only the size check after completion can tell.)
             info = await self._deps.store.head_object(s.key)
-            if info is None or info.etag != multipart_etag([e for _, e in layout]):
+            expected = multipart_etag([e for _, e in layout])
+            if info is None or (expected is not None and info.etag != expected):
                 raise
             return info.etag
 
@@ -236,7 +239,13 @@ class Finalizer:
             limit.release()
 
 
-def multipart_etag(part_etags: list[str]) -> str:
-    """S3's ETag of a completed multipart object: md5 of the part MD5s, '-N'."""
-    digest = hashlib.md5(b"".join(bytes.fromhex(e) for e in part_etags), usedforsecurity=False)
-    return f"{digest.hexdigest()}-{len(part_etags)}"
+def multipart_etag(part_etags: list[str]) -> str | None:
+    """S3's ETag of a completed multipart object: md5 of the part MD5s, '-N';
+    None when a part's ETag is not an MD5 (a copied part on some stores)."""
+    try:
+        digests = b"".join(bytes.fromhex(e) for e in part_etags)
+    except ValueError:
+        return None
+    if len(digests) != 16 * len(part_etags):
+        return None
+    return f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(part_etags)}"

@@ -34,8 +34,8 @@ import msgspec
 import structlog
 
 from cefmp4.deps import Deps
-from cefmp4.events import Event, MetadataWritten, StreamCompleted
-from projections.streams import StreamState
+from cefmp4.events import Continues, Event, MetadataWritten, StreamCompleted
+from projections.streams import Part, StreamState
 
 log = structlog.get_logger(__name__)
 
@@ -190,6 +190,7 @@ def sidecar(
             for n in range(1, completed.parts + 1)
             if (p := s.parts.get(n)) is not None
         ]
+    extra = {} if s.continues is None else _continuation(s.continues, s.parts, chunks)
     return {
         "stream_id": s.stream_id,
         "original_file_path": s.path,
@@ -214,7 +215,20 @@ def sidecar(
         "chunks": chunks[:MAX_CHUNKS_LISTED],
         "chunks_total": len(chunks),
         "truncated": False,
+        **extra,
     }
+
+
+def _continuation(
+    c: Continues, parts: dict[int, Part], chunks: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A continuation's sidecar names the object it extends (which stays as it
+    was: a prefix of this one), and each chunk says whether it was copied from
+    that object inside S3 rather than sent."""
+    for chunk in chunks:
+        part = parts.get(chunk["part_number"])
+        chunk["copied"] = part is not None and part.copied
+    return {"continues": {"stream_id": c.stream_id, "s3_key": c.key, "size_bytes": c.size}}
 
 
 def _encode(doc: dict[str, Any]) -> bytes:

@@ -10,7 +10,10 @@ may be handled twice and a process may die between any two steps:
   log lacks are checked against the file (MD5 = ETag) and recorded, or left to
   be sent again. The store is the truth; the log's parts are its cache.
 * ``send`` reads, hashes and uploads parts, ``PART_CONCURRENCY`` at a time per
-  stream; memory is bounded by the parts in flight.
+  stream; memory is bounded by the parts in flight. A part of a continuation
+  (``StreamState.continues``) whose bytes the continued object already holds
+  at the same span is copied inside the store instead (``copy_unchanged``):
+  read and hashed locally, never sent.
 * ``failer`` is the consumer supervisor's one way to end a stream: it aborts
   the upload (so nothing is left open), logs, records why and counts it.
   Handlers never fail a stream themselves; they raise (``StreamEnded`` and
@@ -29,10 +32,10 @@ import structlog
 
 from cefmp4 import files
 from cefmp4.deps import Deps
-from cefmp4.errors import NoSuchUpload, PermanentError, StreamEnded
-from cefmp4.events import FailReason, PartUploaded, StreamFailed, UploadStarted
+from cefmp4.errors import NoSuchKey, NoSuchUpload, PermanentError, StreamEnded
+from cefmp4.events import Continues, FailReason, PartUploaded, StreamFailed, UploadStarted
 from cefmp4.leases import Fence
-from cefmp4.partplan import Span, max_object_size, part_offset
+from cefmp4.partplan import Span, max_object_size, part_offset, part_size
 from projections.streams import Part, StreamState
 
 log = structlog.get_logger(__name__)
@@ -67,6 +70,22 @@ def check_size(size: int, chunk: int) -> None:
 def matches(part: Part | None, span: Span) -> bool:
     """A recorded part stands for ``span`` only if it covers the same bytes."""
     return part is not None and part.offset == span.offset and part.size == span.size
+
+
+def unchanged_in(continues: Continues | None, span: Span, md5_hex: str) -> bool:
+    """Whether the continued object holds exactly these bytes as the same part:
+    same span under its own plan (so a changed CHUNK_SIZE_BYTES copies
+    nothing) and the MD5 it recorded for that part equals the local bytes'.
+    The recorded MD5s are what the finalizer verified against the file before
+    it completed that object, so this proves the copy without reading it."""
+    if continues is None or continues.part_size < 1:
+        return False
+    if not 1 <= span.number <= len(continues.part_md5s):
+        return False
+    offset = part_offset(span.number, continues.part_size)
+    size = min(part_size(span.number, continues.part_size), continues.size - offset)
+    same_span = (offset, size) == (span.offset, span.size)
+    return same_span and continues.part_md5s[span.number - 1] == md5_hex
 
 
 class Uploads:
@@ -213,6 +232,9 @@ class Uploads:
         self, s: StreamState, upload_id: str, span: Span, data: bytes, why: str, fence: Fence
     ) -> str:
         md5_hex, md5_b64 = await asyncio.to_thread(md5_of, data)
+        copied = await self.copy_unchanged(s, upload_id, span, md5_hex, fence)
+        if copied is not None:
+            return copied
         etag = await self._deps.store.upload_part(s.key, upload_id, span.number, data, md5_b64)
         await self._deps.emit(
             PartUploaded(
@@ -229,6 +251,45 @@ class Uploads:
         )
         self._deps.metrics.parts.labels(why).inc()
         self._deps.metrics.bytes.inc(span.size)
+        return etag
+
+    async def copy_unchanged(
+        self, s: StreamState, upload_id: str, span: Span, md5_hex: str, fence: Fence
+    ) -> str | None:
+        """Copy the part from the continued object if it holds these very
+        bytes (``unchanged_in``); its ETag, or None when the part must be sent.
+
+        A continued object that is gone (deleted by hand, a lifecycle rule)
+        only costs the optimisation: the part is sent. The MD5 recorded is the
+        one of the local bytes; the store's ETag of a copy need not be one.
+        """
+        c = s.continues
+        if c is None or not unchanged_in(c, span, md5_hex):
+            return None
+        store = self._deps.store
+        try:
+            etag = await store.upload_part_copy(
+                s.key, upload_id, span.number, c.key, span.offset, span.size
+            )
+        except NoSuchKey:
+            log.warning("continued object is gone; sending the part", key=c.key, part=span.number)
+            return None
+        await self._deps.emit(
+            PartUploaded(
+                stream_id=s.stream_id,
+                at=self._deps.now(),
+                upload_id=upload_id,
+                part_number=span.number,
+                offset=span.offset,
+                size=span.size,
+                etag=etag,
+                md5=md5_hex,
+                copied=True,
+            ),
+            fence,
+        )
+        self._deps.metrics.parts.labels("copied").inc()
+        self._deps.metrics.bytes_copied.inc(span.size)
         return etag
 
     async def abort(self, s: StreamState, fence: Fence) -> None:

@@ -20,8 +20,10 @@ tens of thousands of recordings a day, for months):
 * ``files``: for each path whose newest stream finished and whose file is still
   on disk, a compact ``FileRecord``: just what a decision about that file still
   needs (which stream, which key, the size/mtime/inode it had, completed or
-  failed). It goes when the file goes: the watcher appends ``FileDeleted`` for
-  the record when the file is gone from disk (a notification or a rescan).
+  failed, and a completed object's part MD5s, which a continuation of the file
+  needs to copy the unchanged parts). It goes when the file goes: the watcher
+  appends ``FileDeleted`` for the record when the file is gone from disk (a
+  notification or a rescan).
 * ``last_id``/``events``: the last entry folded (where a follower resumes XREAD).
 
 A late duplicate ``FileSeen`` of a retired stream whose record is still there
@@ -41,6 +43,7 @@ import msgspec
 
 from cefmp4.events import (
     BytesAvailable,
+    Continues,
     Event,
     FileDeleted,
     FileSeen,
@@ -55,6 +58,7 @@ from cefmp4.events import (
     StreamIdle,
     UploadStarted,
 )
+from cefmp4.partplan import capacity, final_parts
 
 Status = Literal["active", "idle", "completed", "failed"]
 TERMINAL: frozenset[Status] = frozenset({"completed", "failed"})
@@ -72,6 +76,7 @@ class Part(msgspec.Struct, frozen=True, gc=False):
     etag: str
     md5: str
     uploaded_at: datetime
+    copied: bool = False  # copied inside the store from the continued object
 
 
 class Idle(msgspec.Struct, frozen=True, gc=False):
@@ -114,6 +119,7 @@ class StreamState(msgspec.Struct, frozen=True, gc=False):
     failure_detail: str = ""
     gone: Literal["deleted", "truncated"] | None = None
     metadata_key: str | None = None
+    continues: Continues | None = None  # the completed object this file extends
 
     @property
     def terminal(self) -> bool:
@@ -132,7 +138,9 @@ class StreamState(msgspec.Struct, frozen=True, gc=False):
 
 class FileRecord(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """A finished recording whose file is still on disk: what the watcher needs
-    to tell "unchanged, nothing to do" from "new content, a new recording".
+    to tell "unchanged, nothing to do" from "new content, a new recording",
+    and, for a completed object, what a continuation of the file needs to copy
+    the object's parts instead of sending them (``Continues``).
 
     One per file on disk, so 100k of them on a busy recorder: ``array_like``
     keeps the field names out of every snapshot entry (about a third of it)."""
@@ -145,15 +153,62 @@ class FileRecord(msgspec.Struct, frozen=True, gc=False, array_like=True):
     inode: int
     failure_reason: str | None = None
     retry: bool = False  # ``cefmp4 retry`` asked for another attempt
+    # The completed multipart object's parts: their plan (part 1's size) and
+    # the 16-byte MD5 of each, concatenated in part order - one bytes object,
+    # not a string per part, because there is a record per file on disk.
+    # Empty for a single PutObject, a failed stream, or parts that do not
+    # tile the object (never expected; then nothing is copied).
+    part_size: int = 0
+    part_md5s: bytes = b""
+
+    def continues(self) -> Continues:
+        """What a stream that extends this recording's file continues."""
+        md5s = self.part_md5s
+        hexes = tuple(md5s[i : i + 16].hex() for i in range(0, len(md5s), 16))
+        return Continues(self.stream_id, self.key, self.size, self.part_size, hexes)
 
 
 def record_of(s: StreamState) -> FileRecord:
     """The compact record of a terminal stream."""
     if s.completion is not None:
+        part_size, md5s = _object_parts(s, s.completion)
         return FileRecord(
-            s.stream_id, s.key, "completed", s.completion.size, s.completion.mtime_ns, s.inode
+            s.stream_id,
+            s.key,
+            "completed",
+            s.completion.size,
+            s.completion.mtime_ns,
+            s.inode,
+            part_size=part_size,
+            part_md5s=md5s,
         )
     return FileRecord(s.stream_id, s.key, "failed", s.size, s.mtime_ns, s.inode, s.failure_reason)
+
+
+def _object_parts(s: StreamState, c: Completion) -> tuple[int, bytes]:
+    """The completed object's part plan and packed part MD5s, from the parts
+    the stream recorded. Total: anything that is not exactly the object's
+    layout (which the finalizer verified part by part before completing)
+    gives nothing, and a continuation then sends every part."""
+    first = s.parts.get(1)
+    if c.parts == 0 or first is None or first.size < 1 or c.size > capacity(first.size):
+        return 0, b""
+    spans = final_parts(c.size, first.size)
+    if len(spans) != c.parts:
+        return 0, b""
+    digests = []
+    for span in spans:
+        p = s.parts.get(span.number)
+        if p is None or (p.offset, p.size) != (span.offset, span.size):
+            return 0, b""
+        try:
+            digest = bytes.fromhex(p.md5)
+        except ValueError:
+            return 0, b""
+        if len(digest) != 16:
+            return 0, b""
+        digests.append(digest)
+    return first.size, b"".join(digests)
 
 
 def fold(state: StreamState | None, event: Event) -> StreamState | None:
@@ -171,6 +226,7 @@ def fold(state: StreamState | None, event: Event) -> StreamState | None:
             started_at=event.at,
             size=event.size,
             mtime_ns=event.mtime_ns,
+            continues=event.continues,
         )
     if state is None:
         return None
@@ -228,6 +284,7 @@ def fold(state: StreamState | None, event: Event) -> StreamState | None:
                 etag=event.etag,
                 md5=event.md5,
                 uploaded_at=event.at,
+                copied=event.copied,
             )
             return replace(state, parts={**state.parts, event.part_number: part})
         case StreamIdle():

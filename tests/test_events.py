@@ -153,6 +153,7 @@ def test_data_example_is_readable_without_msgspec() -> None:
         "size": 10485760,
         "etag": '"abc"',
         "md5": "0" * 32,
+        "copied": False,
     }
 
 

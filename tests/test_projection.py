@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from cefmp4.events import (
     BytesAvailable,
+    Continues,
     Event,
     FailReason,
     FileDeleted,
@@ -33,7 +34,17 @@ from cefmp4.events import (
     StreamIdle,
     UploadStarted,
 )
-from projections.streams import FileRecord, Projection, StreamState, fold, record_of, replay
+from cefmp4.partplan import final_parts
+from projections.streams import (
+    Completion,
+    FileRecord,
+    Part,
+    Projection,
+    StreamState,
+    fold,
+    record_of,
+    replay,
+)
 
 PROPERTY = settings(max_examples=150, deadline=None)
 
@@ -60,6 +71,7 @@ file_seen = st.builds(
     size=small,
     mtime_ns=small,
     inode=st.integers(1, 3),
+    continues=st.none() | st.builds(Continues, stream_ids, short, small, small, st.just(("a",))),
 )
 events: st.SearchStrategy[Event] = st.one_of(
     file_seen,
@@ -74,6 +86,7 @@ events: st.SearchStrategy[Event] = st.one_of(
         size=small,
         etag=short,
         md5=short,
+        copied=st.booleans(),
     ),
     st.builds(
         StreamIdle,
@@ -461,6 +474,81 @@ def test_new_recording_at_same_path_takes_over_by_path() -> None:
     assert projection.by_path == {"/w/a.mp4": "s2"}
     assert [s.stream_id for s in projection.live()] == ["s2"]
     assert projection.files["/w/a.mp4"].stream_id == "s1"  # until s2 finishes
+
+
+# (f) what a continuation needs: the completed object's parts, from the log
+
+
+md5_hexes = st.binary(min_size=16, max_size=16).map(bytes.hex)
+
+
+@st.composite
+def completed_multipart(draw: st.DrawFn) -> tuple[StreamState, int, bool]:
+    """A completed stream whose parts are its object's layout, or - now and
+    then - miss one or cover other bytes (which the record must not trust)."""
+    chunk = draw(st.integers(1, 8))
+    size = draw(st.integers(chunk, chunk * 6))
+    parts: dict[int, Part] = {}
+    exact = True
+    for span in final_parts(size, chunk):
+        flaw = draw(st.sampled_from(["", "", "", "", "missing", "other bytes"]))
+        exact = exact and not flaw
+        if flaw != "missing":
+            extra = 1 if flaw == "other bytes" else 0
+            parts[span.number] = Part(
+                span.number, span.offset, span.size + extra, "etag", draw(md5_hexes), T0
+            )
+    completion = Completion(size, 1, "e", "h", len(final_parts(size, chunk)), "complete", "", T0)
+    state = StreamState(
+        "s1", "/w/a.mp4", "a.mp4", "b", "k/s1", 1, T0, "completed",
+        parts=parts, completion=completion,
+    )  # fmt: skip
+    return state, chunk, exact
+
+
+@PROPERTY
+@given(case=completed_multipart())
+def test_record_keeps_the_part_md5s_of_the_completed_object(
+    case: tuple[StreamState, int, bool],
+) -> None:
+    state, chunk, exact = case
+    assert state.completion is not None
+    record = record_of(state)
+    if exact:
+        md5s = tuple(state.parts[n].md5 for n in sorted(state.parts))
+        assert record.continues() == Continues("s1", "k/s1", state.completion.size, chunk, md5s)
+        assert len(record.part_md5s) == 16 * len(md5s)  # packed: 16 bytes a part
+    else:
+        assert (record.part_size, record.part_md5s) == (0, b"")
+        assert record.continues() == Continues("s1", "k/s1", state.completion.size)
+    restored = snapshot(replay([]))
+    restored.files["/w/a.mp4"] = record
+    assert snapshot(restored) == restored  # bytes survive the msgpack snapshot
+
+
+def test_single_put_and_failed_records_have_no_parts() -> None:
+    put = fold(fold(None, seen("s1", "/w/a.mp4")), completed("s1", etag="e"))
+    assert put is not None and record_of(put).continues() == Continues("s1", "k/s1", 10)
+    failed = fold(
+        fold(None, seen("s2", "/w/a.mp4")), StreamFailed(stream_id="s2", at=T0, reason="empty")
+    )
+    assert failed is not None and record_of(failed).part_md5s == b""
+
+
+def test_file_seen_and_copied_parts_fold_into_the_state() -> None:
+    continues = Continues("s0", "k/s0", 12, 5, ("aa" * 16, "bb" * 16, "cc" * 16))
+    log: list[Event] = [
+        msgspec.structs.replace(seen("s1", "/w/a.mp4"), continues=continues),
+        UploadStarted(stream_id="s1", at=T0, upload_id="u1"),
+        msgspec.structs.replace(part("s1", "u1", 1, "x-2"), copied=True),
+        part("s1", "u1", 2, "y"),
+    ]
+    state = replay(entries(log)).streams["s1"]
+    assert state.continues == continues
+    assert [(p.number, p.copied) for p in state.parts.values()] == [(1, True), (2, False)]
+    # Duplicate delivery of the FileSeen does not reset it (the first fact stands).
+    again = replay(entries([*log, log[0]])).streams["s1"]
+    assert again == state
 
 
 # helpers

@@ -18,7 +18,7 @@ from pathlib import Path
 import aioboto3
 import pytest
 
-from cefmp4.errors import NoSuchUpload, PermanentError, TransientError
+from cefmp4.errors import NoSuchKey, NoSuchUpload, PermanentError, TransientError
 from cefmp4.localservers import JuiceFSGateway, S3Endpoint, free_port
 from cefmp4.s3store import S3Store, boto_config
 from consumers.finalizer import multipart_etag
@@ -199,3 +199,56 @@ async def test_unreachable_endpoint_is_transient(tmp_path: Path) -> None:
     async for store in _store(dead, "nobucket", attempts=1):
         with pytest.raises(TransientError):
             await store.head_object("x")
+
+
+# Whether UploadPartCopy answers with the MD5 of the copied bytes as the part's
+# ETag (AWS and JuiceFS do). SeaweedFS does not: it returns an ETag of its own
+# chunks (e.g. "...-2" for a range over two of them), the same one list_parts
+# reports and complete accepts. So the service never takes a copied part's
+# ETag for its MD5: the MD5 it records is the one it computed from the file.
+COPY_ETAG_IS_MD5 = {"seaweedfs": False, "juicefs": True}
+
+
+async def test_upload_part_copy_copies_a_range_inside_the_store(
+    store: S3Store, request: pytest.FixtureRequest
+) -> None:
+    # What a continuation relies on: a range of a completed object becomes a
+    # part of another upload without its bytes crossing the network.
+    backend = request.node.callspec.params["endpoint"]
+    earlier = os.urandom(11 * MiB)
+    await _put(store, "streams/s1/a.mp4", earlier)
+    key = "streams/s2/a.mp4"
+    first = earlier[: 5 * MiB]
+    middle = earlier[5 * MiB + 7 : 10 * MiB + 7]  # any range, not only a part's
+    tail = os.urandom(2 * MiB)
+    upload_id = await store.create_multipart(key, "video/mp4")
+    etag1 = await store.upload_part_copy(key, upload_id, 1, "streams/s1/a.mp4", 0, 5 * MiB)
+    etag2 = await store.upload_part_copy(
+        key, upload_id, 2, "streams/s1/a.mp4", 5 * MiB + 7, 5 * MiB
+    )
+    if COPY_ETAG_IS_MD5[backend]:
+        assert (etag1, etag2) == (md5s(first)[0], md5s(middle)[0])
+    listed = await store.list_parts(key, upload_id)
+    assert [(p.number, p.size, p.etag) for p in listed] == [
+        (1, 5 * MiB, etag1),
+        (2, 5 * MiB, etag2),
+    ]
+    etag3 = await store.upload_part(key, upload_id, 3, tail, md5s(tail)[1])
+    await store.complete_multipart(key, upload_id, [(1, etag1), (2, etag2), (3, etag3)])
+    assert await store.get_object(key) == first + middle + tail
+    assert await store.get_object("streams/s1/a.mp4") == earlier  # the source is untouched
+    assert await store.list_uploads("streams/") == []
+
+
+async def test_upload_part_copy_errors(store: S3Store) -> None:
+    key = "streams/s3/a.mp4"
+    upload_id = await store.create_multipart(key, "video/mp4")
+    with pytest.raises(NoSuchKey):
+        await store.upload_part_copy(key, upload_id, 1, "streams/none/a.mp4", 0, 5 * MiB)
+    await _put(store, "streams/s1/a.mp4", b"x" * 100)
+    with pytest.raises(PermanentError) as caught:  # InvalidRange, or InvalidArgument (JuiceFS)
+        await store.upload_part_copy(key, upload_id, 1, "streams/s1/a.mp4", 50, 100)
+    assert not isinstance(caught.value, NoSuchUpload)
+    await store.abort_multipart(key, upload_id)
+    with pytest.raises(NoSuchUpload):
+        await store.upload_part_copy(key, upload_id, 1, "streams/s1/a.mp4", 0, 100)

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cefmp4.events import Continues
 from cefmp4.files import FileStat
 from cefmp4.mp4 import Mp4Status, Mp4Verdict
 from cefmp4.watchrules import (
@@ -86,8 +87,21 @@ def completed() -> StreamState:
     return stream("completed", completion=(SIZE, MTIME))
 
 
-def record(status: Literal["completed", "failed"], *, retry: bool = False) -> FileRecord:
-    return FileRecord("s1", "k", status, SIZE, MTIME, INODE, retry=retry)
+def record(
+    status: Literal["completed", "failed"], *, retry: bool = False, md5s: bytes = b""
+) -> FileRecord:
+    part_size = 40 if md5s else 0
+    return FileRecord(
+        "s1", "k", status, SIZE, MTIME, INODE, retry=retry, part_size=part_size, part_md5s=md5s
+    )
+
+
+# What a stream that extends the completed object of s1 (100 bytes) carries.
+CONTINUES = Continues("s1", "k", SIZE)
+DIGESTS = bytes(range(16)) + bytes(range(16, 32)) + bytes(range(32, 48))  # 3 parts of 40
+CONTINUES_PARTS = Continues(
+    "s1", "k", SIZE, 40, (bytes(range(16)).hex(), bytes(range(16, 32)).hex(), DIGESTS[32:].hex())
+)
 
 
 def file(size: int = SIZE, mtime_ns: int = MTIME, inode: int = INODE) -> FileStat:
@@ -127,8 +141,18 @@ CASES: dict[str, Case] = {
         stream=stream("completed", size=60, mtime_ns=1, completion=(SIZE, MTIME)),
         expected=[],
     ),
+    # Grew in place after completion: the recorder paused past the timeout and
+    # went on. Still a new stream and object, but it names what it continues.
     "completed, then grew": Case(
-        current=file(size=SIZE + 1), stream=completed(), expected=[Seen()]
+        current=file(size=SIZE + 1), stream=completed(), expected=[Seen(CONTINUES)]
+    ),
+    "completed, then grew and mtime moved": Case(
+        current=file(size=SIZE + 1, mtime_ns=MTIME + 9),
+        stream=completed(),
+        expected=[Seen(CONTINUES)],
+    ),
+    "completed, then grew under a new inode (other content)": Case(
+        current=file(size=SIZE + 1, inode=INODE + 1), stream=completed(), expected=[Seen()]
     ),
     "completed, then shrank": Case(
         current=file(size=SIZE - 1), stream=completed(), expected=[Seen()]
@@ -151,8 +175,27 @@ CASES: dict[str, Case] = {
     ),
     "record, unchanged": Case(current=file(), stream=record("completed"), expected=[]),
     "record, gone": Case(current=None, stream=record("completed"), expected=[Forget()]),
-    "record, changed": Case(
-        current=file(size=SIZE + 1), stream=record("completed"), expected=[Seen()]
+    "record, grew": Case(
+        current=file(size=SIZE + 1), stream=record("completed"), expected=[Seen(CONTINUES)]
+    ),
+    "record with parts, grew: the part MD5s travel in the Seen": Case(
+        current=file(size=SIZE * 3),
+        stream=record("completed", md5s=DIGESTS),
+        expected=[Seen(CONTINUES_PARTS)],
+    ),
+    "record with parts, patched in place (same size)": Case(
+        current=file(mtime_ns=MTIME + 1),
+        stream=record("completed", md5s=DIGESTS),
+        expected=[Seen()],
+    ),
+    "record with parts, shrank": Case(
+        current=file(size=SIZE - 1), stream=record("completed", md5s=DIGESTS), expected=[Seen()]
+    ),
+    "failed record, grew (no object to continue)": Case(
+        current=file(size=SIZE + 1), stream=record("failed"), expected=[Seen()]
+    ),
+    "failed record, retry asked, grew": Case(
+        current=file(size=SIZE + 1), stream=record("failed", retry=True), expected=[Seen()]
     ),
     "failed record, retry asked, unchanged file": Case(
         current=file(), stream=record("failed", retry=True), expected=[Seen()]
@@ -428,8 +471,26 @@ def test_decide_invariants(look: Look) -> None:
     if state is not None and state.terminal:
         # A completed object is never appended to: changed content is a new
         # stream; a file that left the disk only drops the record.
-        assert actions in ([], [Seen()], [Forget()])
+        assert actions in ([], [Seen()], [Forget()]) or (
+            len(actions) == 1 and isinstance(actions[0], Seen) and actions[0].continues
+        )
         assert (actions == [Forget()]) == (current is None and state.gone != "deleted")
+    # A continuation exactly when the file of a completed object grew in
+    # place, and it names that object.
+    continued = [a.continues for a in actions if isinstance(a, Seen) and a.continues]
+    grew_after_completion = (
+        state is not None
+        and state.terminal
+        and state.completion is not None  # an object exists (what record_of goes by)
+        and state.gone != "deleted"
+        and current is not None
+        and current.inode == state.inode
+        and current.size > state.completion.size
+    )
+    assert bool(continued) == grew_after_completion
+    if continued:
+        assert state is not None and state.completion is not None
+        assert continued == [Continues(state.stream_id, state.key, state.completion.size)]
     if current is not None and state is not None and not state.terminal and state.gone:
         # The uploader is already ending this stream; a second Truncated/Seen
         # would start a duplicate stream before the first one is terminal.

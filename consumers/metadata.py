@@ -22,6 +22,7 @@ import structlog
 
 from cefmp4.deps import Deps
 from cefmp4.events import Event, MetadataWritten, StreamCompleted
+from cefmp4.pathnames import to_fs
 from projections.streams import StreamState
 
 log = structlog.get_logger(__name__)
@@ -122,10 +123,13 @@ class MetadataWriter:
         self._deps = deps
 
     async def probe(self, path: str) -> Probe:
+        """``path`` in wire form; ffprobe gets the file's own bytes, behind
+        ``file:`` so no name (``-x.mp4``, ``concat:...``) reads as an option
+        or a protocol."""
         try:
             proc = await asyncio.create_subprocess_exec(
                 self._deps.config.ffprobe_path, "-v", "error", "-print_format", "json",
-                "-show_format", "-show_streams", path,
+                "-show_format", "-show_streams", b"file:" + to_fs(path),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
         except OSError as exc:

@@ -23,6 +23,7 @@ from dotenv import dotenv_values
 
 from cefmp4.durations import duration
 from cefmp4.errors import ConfigError
+from cefmp4.filerules import FollowSymlinks
 from cefmp4.partplan import MAX_PART_SIZE, MIN_PART_SIZE
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -47,6 +48,8 @@ def retention_seconds(text: str) -> float:
 
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+# Leaves a recording's key (cefmp4.objectkeys) at least ~500 bytes of path.
+MAX_KEY_PREFIX_BYTES = 400
 
 
 class Config(
@@ -102,6 +105,11 @@ class Config(
     # so a host running `cefmp4 run` publishes nothing; the container image
     # sets 0.0.0.0 (its network namespace is the boundary there).
     metrics_addr: str = "127.0.0.1"
+    # Which symlinks under WATCH_DIR are followed (cefmp4.filerules): ``inside``
+    # only those whose target resolves inside WATCH_DIR, ``outside`` (or
+    # ``all``) any, ``never`` none. The default keeps a link to /etc/shadow
+    # on a share from being uploaded; a skipped link is logged once.
+    follow_symlinks: FollowSymlinks = "inside"
 
     def __post_init__(self) -> None:
         if self.event_retention is not None:
@@ -112,6 +120,9 @@ class Config(
                 f"SETTLE_SECONDS ({self.settle_seconds:g}) must not exceed "
                 f"STREAM_TIMEOUT_SECONDS ({self.stream_timeout_seconds:g})"
             )
+        if len(self.s3_key_prefix.encode()) > MAX_KEY_PREFIX_BYTES:
+            # Object keys are at most 1,024 bytes; the path needs the room.
+            raise ValueError(f"S3_KEY_PREFIX must be at most {MAX_KEY_PREFIX_BYTES} bytes")
         archive, recordings = self.event_archive_prefix, self.s3_key_prefix
         if archive.startswith(recordings) or recordings.startswith(archive):
             # One prefix would list (and gc would look at) the other's objects.

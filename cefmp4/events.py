@@ -96,10 +96,11 @@ class FileSeen(Event, frozen=True, kw_only=True):
 
     VERSION: ClassVar[int] = 1
 
+    # Paths are in wire form (cefmp4.pathnames: any bytes, printable, reversible).
     path: str  # absolute path on the watcher's host
-    rel_path: str  # relative to WATCH_DIR, '/'-separated; part of the object key
+    rel_path: str  # relative to WATCH_DIR, '/'-separated, never shortened
     bucket: str
-    key: str  # object key, fixed for the stream's whole life
+    key: str  # object key, fixed for the stream's whole life (cefmp4.objectkeys)
     size: int
     mtime_ns: int
     inode: int

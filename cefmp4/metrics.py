@@ -60,3 +60,20 @@ class Metrics:
             "Bytes copied inside S3 from the object a continued recording extends (not sent)",
             registry=registry,
         )
+        # The watcher's per-path supervisor (cefmp4.watcher): a path it could
+        # not stat or decide on, once per path and kind until the path is fine
+        # or gone. kind: stat | notify | internal.
+        self.watch_errors = Counter(
+            "cefmp4_watch_errors",
+            "Paths the watcher could not look at, by kind (once per path and problem)",
+            ["kind"],
+            registry=registry,
+        )
+        # Names the watcher will not read (cefmp4.filerules), once per path
+        # and process. reason: symlink_outside | symlink | special_file.
+        self.files_skipped = Counter(
+            "cefmp4_files_skipped",
+            "Recording names that are not followed or not regular files (once per path)",
+            ["reason"],
+            registry=registry,
+        )

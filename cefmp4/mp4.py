@@ -56,8 +56,10 @@ Design constraints
 from __future__ import annotations
 
 import enum
+import errno
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from typing import Protocol
@@ -397,11 +399,18 @@ class _PreadSource:
         return os.pread(self._fd, stop - start, start)
 
 
-def check_file(path: str | os.PathLike[str]) -> Mp4Verdict:
-    """Judge the file at ``path`` as it is right now. OSError propagates."""
-    fd = os.open(path, os.O_RDONLY)
+def check_file(path: str | bytes | os.PathLike[str]) -> Mp4Verdict:
+    """Judge the file at ``path`` as it is right now. OSError propagates.
+
+    ``O_NONBLOCK``: a path that turned into a FIFO must not block the open
+    (waiting for a writer); it is refused as not a regular file instead.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
+        size = st.st_size
         if size == 0:
             return Mp4Verdict(Mp4Status.INCOMPLETE, "empty file")
         try:

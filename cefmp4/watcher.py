@@ -23,23 +23,50 @@ attribute caches) cannot make the service forget a file that is there. The
 per-path memory of this process (last signature, when it last changed, which
 idle was reported, the MP4 verdict) is kept only for paths with an open
 stream.
+
+Hostile names and files. Paths are handled in wire form
+(``cefmp4.pathnames``) from the moment they are walked: any bytes the file
+system allows become one reversible, printable string, so no name can fail
+to encode into an event. What a ``*.mp4`` entry may be (a symlink out of the
+tree, a FIFO, a directory) is decided by the pure ``cefmp4.filerules`` from
+the facts ``files.look`` gathers in the stat thread, without opening
+anything; a skipped path is logged and counted once per path and process
+(forgotten when it leaves the disk, so a new one is reported again).
+
+Per-path isolation: ``_look_one`` is the one supervisor of this task for a
+single path (the house style allows one per task; this is the watcher's).
+Its first half runs in the stat thread (``stat_all`` records what a path
+raised as that path's result), its second half around the decision and the
+appends. Either way the path is logged with the error and counted in
+``cefmp4_watch_errors{kind}`` once (until it looks fine or is gone) and the
+pass goes on with the next path: one bad file never stops the watcher or
+hides the files sorted after it. What the adapters translated (``CefError``:
+Redis down, the watcher lease lost) and failures of the watch itself
+(WATCH_DIR gone, the inotify limit) are not about a path: they propagate,
+and the Service supervisor restarts the task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import stat as stat_module
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
+import msgspec
 import structlog
 import watchfiles
+from watchfiles._rust_notify import WatchfilesRustInternalError
 
 from cefmp4 import files, mp4
 from cefmp4.deps import Deps
+from cefmp4.errors import CefError
 from cefmp4.events import (
     BytesAvailable,
     Continues,
@@ -49,7 +76,10 @@ from cefmp4.events import (
     FileTruncated,
     StreamIdle,
 )
+from cefmp4.filerules import FollowSymlinks
 from cefmp4.leases import Fence
+from cefmp4.objectkeys import object_key
+from cefmp4.pathnames import to_fs, to_wire
 from cefmp4.watchrules import (
     Action,
     CheckMp4,
@@ -67,6 +97,14 @@ from projections.streams import FileRecord, StreamState
 log = structlog.get_logger(__name__)
 
 TEMP_PREFIXES = ("~", ".")
+# `_reported` key of the notification source's own failure (not a path: no
+# wire-form path is empty).
+_NOTIFY_KEY = ""
+_SKIP_MESSAGES: dict[str, str] = {
+    "symlink_outside": "symlink leads outside WATCH_DIR; not followed (FOLLOW_SYMLINKS=inside)",
+    "symlink": "symlink not followed (FOLLOW_SYMLINKS=never)",
+    "special_file": "not a regular file (FIFO, socket or device); ignored",
+}
 # Paths decided between two yields to the event loop during a rescan: about
 # 5 ms of work at ~5 us a path.
 BATCH = 1000
@@ -80,51 +118,107 @@ def is_recording(rel_path: str) -> bool:
     return parts[-1].lower().endswith(".mp4")
 
 
-Looked = dict[str, "files.FileStat | files.FileUnreadable | None"]
+class WatchDirGone(OSError):
+    """WATCH_DIR cannot be listed: the watch itself failed (not one path)."""
 
 
-def scan_tree(root: Path) -> Looked:
-    """Every recording under ``root`` with its stat (blocking: run it in a
-    thread). One ``scandir`` per directory and one ``stat`` per recording,
-    nothing per non-recording: at 100k files this is the whole cost of a
-    rescan. A file that vanishes between the listing and its stat is simply
-    not there; an unreadable one maps to its error."""
+class WatchError(msgspec.Struct, frozen=True):
+    """What looking at one path raised, in place of its stat.
+
+    kind (a bounded metric label): ``stat`` (the file system refused: EACCES
+    on a directory, ELOOP, EIO ...), ``list`` (a directory under WATCH_DIR
+    could not be listed), ``internal`` (anything else: a bug; reported with
+    its type and message, or its traceback when the decision half raised)."""
+
+    kind: Literal["stat", "list", "internal"]
+    error: str
+    path: str = ""  # for ``list``: the directory
+
+
+_TEMP_PREFIXES = tuple(p.encode() for p in TEMP_PREFIXES)
+Current = files.FileStat | files.Skipped | WatchError | None
+Looked = dict[str, Current]
+Found = files.FileStat | files.Skipped | None
+Look = Callable[[str], Found]
+
+
+def walk(root: Path, look: Look) -> Looked:
+    """Every recording under ``root`` (wire-form path -> what ``look`` would
+    say of it) and the directories that could not be listed. Blocking: run it
+    in a thread. Walks bytes, so no name is lost in decoding; symlinked
+    directories are not descended into.
+
+    This is the whole cost of a rescan, so the common case is cheap: one
+    ``scandir`` per directory and one ``stat`` per recording. A regular
+    file that is not a link, in a directory reached without links, is inside
+    WATCH_DIR by construction, so ``look``'s realpath and the symlink rules
+    are needed only for links and special files.
+    """
+    root_fs = os.fsencode(root)
     out: Looked = {}
-    stack = [str(root)]
+    stack = [root_fs]
     while stack:
+        directory = stack.pop()
         try:
-            listing = os.scandir(stack.pop())
+            listing = os.scandir(directory)
         except (FileNotFoundError, NotADirectoryError):
-            continue  # a subdirectory removed meanwhile
+            continue  # removed meanwhile
+        except OSError as exc:
+            error = _unlisted(exc, root_fs)  # raises WatchDirGone for WATCH_DIR itself
+            out[error.path] = error
+            continue
         with listing:
             for entry in listing:
-                if entry.name.startswith(TEMP_PREFIXES):
+                name = entry.name
+                if name.startswith(_TEMP_PREFIXES):
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
-                elif entry.name.lower().endswith(".mp4"):
-                    try:
-                        st = entry.stat()
-                    except FileNotFoundError:
-                        continue
-                    except PermissionError as exc:
-                        out[entry.path] = files.FileUnreadable(f"cannot stat {entry.path}: {exc}")
-                        continue
-                    if stat_module.S_ISREG(st.st_mode):
-                        out[entry.path] = files.FileStat(st.st_size, st.st_mtime_ns, st.st_ino)
+                elif name.lower().endswith(b".mp4"):
+                    wire = to_wire(entry.path)
+                    out[wire] = _guarded(wire, functools.partial(_plain, entry, wire, look))
     return out
 
 
-def stat_all(paths: Iterable[str]) -> Looked:
-    """Stat every path (blocking: run it in a thread). An unreadable one maps
-    to its error, so one bad file costs one log line, not the pass."""
-    out: Looked = {}
-    for path in paths:
-        try:
-            out[path] = files.stat(path)
-        except files.FileUnreadable as exc:
-            out[path] = exc
-    return out
+def _plain(
+    entry: os.DirEntry[bytes], wire: str, look: Look
+) -> files.FileStat | files.Skipped | None:
+    if entry.is_symlink():
+        return look(wire)
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return look(wire)  # let the full look name the error
+    if not stat_module.S_ISREG(st.st_mode):
+        return look(wire)  # a FIFO, socket or device: skipped, and reported once
+    return files.FileStat(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _unlisted(exc: OSError, root_fs: bytes) -> WatchError:
+    where = exc.filename if isinstance(exc.filename, bytes) else os.fsencode(exc.filename or "")
+    if where.rstrip(b"/") == root_fs.rstrip(b"/"):
+        raise WatchDirGone(exc.errno, f"cannot list WATCH_DIR: {exc.strerror}", str(exc.filename))
+    wire = to_wire(where)
+    return WatchError("list", f"cannot list {wire}: {exc.strerror}", wire)
+
+
+def stat_all(paths: Iterable[str], look: Look) -> Looked:
+    """Look at every path (blocking: run it in a thread)."""
+    return {path: _guarded(path, functools.partial(look, path)) for path in paths}
+
+
+def _guarded(path: str, look: Callable[[], Found]) -> Current:
+    """The first half of the per-path supervisor (the stat thread's): whatever
+    one path raises becomes that path's result, so one bad file costs one log
+    line, not the pass."""
+    try:
+        return look()
+    except files.FileUnreadable as exc:
+        return WatchError("stat", str(exc))
+    except Exception as exc:  # noqa: BLE001 - the per-path supervisor (thread half)
+        return WatchError("internal", f"{type(exc).__name__}: {exc}")
 
 
 class Watcher:
@@ -154,8 +248,20 @@ class Watcher:
         self._idle_sent: dict[str, tuple[int, int]] = {}
         self._verdicts: dict[str, tuple[tuple[int, int, int], mp4.Mp4Verdict]] = {}
         self._dirty: set[str] = set()
+        # Paths reported as skipped or failing, and as what: reported once,
+        # again only when the problem changes or after the path was fine or
+        # gone. Bounded by the paths on disk (a full scan prunes the rest).
+        self._reported: dict[str, str] = {}
+        self._root_fs = os.fsencode(self._root)
+        self._root_wire = to_wire(self._root_fs)
+        self._follow: FollowSymlinks = deps.config.follow_symlinks
         self._wake = asyncio.Event()
+        self._rescan_now = False
+        self._notified = False
         self._fence: Fence | None = None
+
+    def _look_fs(self, path: str) -> files.FileStat | files.Skipped | None:
+        return files.look(path, self._root_fs, self._follow)
 
     # -- life cycle -------------------------------------------------------
 
@@ -174,7 +280,11 @@ class Watcher:
                 except TimeoutError:
                     pass
                 self._wake.clear()
-                if self._clock() >= next_rescan:
+                if notifier.done():
+                    notifier.result()  # the watch itself failed (inotify limit): raise
+                    return  # it ended because stop is set
+                if self._rescan_now or self._clock() >= next_rescan:
+                    self._rescan_now = False
                     next_rescan = self._clock() + self._cfg.rescan_interval_seconds
                     await self.scan()
                 else:
@@ -190,9 +300,45 @@ class Watcher:
         await self.scan()
 
     async def _notifications(self, stop: asyncio.Event) -> None:
+        """Notifications into ``_dirty``, restarted when watchfiles chokes.
+
+        watchfiles cannot hand over a name that is not UTF-8: the whole batch
+        fails (``WatchfilesRustInternalError: Unable to decode path``) and the
+        watch ends. That is a fault of the notification source, not of the
+        watch: the lost batch is made up by a full scan at once, and the
+        watch starts again after a pause that doubles while it keeps failing
+        (a recorder writing such a file keeps producing the error), up to
+        the rescan interval, so meanwhile the service degrades to rescans.
+        An OSError (inotify limit, WATCH_DIR gone) ends the task: ``run``
+        raises it and the Service supervisor restarts the watcher.
+        """
+        pause = 0.1
+        while not stop.is_set():
+            self._notified = False
+            try:
+                await self._notify(stop)
+                return
+            except* WatchfilesRustInternalError as group:
+                error = str(group.exceptions[0])
+                if self._reported.get(_NOTIFY_KEY) != error:
+                    self._reported[_NOTIFY_KEY] = error
+                    self._deps.metrics.watch_errors.labels("notify").inc()
+                    log.warning(
+                        "file notifications failed; rescanning and restarting them",
+                        error=error,
+                        pause=pause,
+                    )
+            self._rescan_now = True
+            self._wake.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await stop.wait()
+            pause = 0.1 if self._notified else min(pause * 2, self._cfg.rescan_interval_seconds)
+
+    async def _notify(self, stop: asyncio.Event) -> None:
         async for changes in watchfiles.awatch(
             self._root,
-            watch_filter=lambda _change, path: is_recording(self._rel(path)),
+            watch_filter=lambda _change, path: is_recording(path.rsplit("/", 1)[-1]),
             debounce=100,
             step=20,
             stop_event=stop,
@@ -200,25 +346,30 @@ class Watcher:
             poll_delay_ms=int(self._cfg.poll_interval_seconds * 1000),
             recursive=True,
         ):
-            self._dirty.update(path for _change, path in changes)
+            self._dirty.update(to_wire(path) for _change, path in changes)
+            self._notified = True  # a batch came through: the next failure pauses briefly
             self._wake.set()
 
     # -- looking ----------------------------------------------------------
 
-    def _rel(self, path: str | Path) -> str:
-        try:
-            return Path(path).resolve().relative_to(self._root).as_posix()
-        except ValueError:
-            return Path(path).name
+    def _rel(self, path: str) -> str:
+        """``path`` (wire form) relative to WATCH_DIR, lexically: a followed
+        symlink is named by the link, not its target."""
+        root = self._root_wire.rstrip("/") + "/"
+        return path[len(root) :] if path.startswith(root) else path.rsplit("/", 1)[-1]
 
     async def scan(self) -> None:
         """Look at every recording on disk, and at every recorded one that is not."""
 
-        looked = await asyncio.to_thread(scan_tree, self._root)
+        looked = await asyncio.to_thread(walk, self._root, self._look_fs)
         projection = await self._deps.projection.catch_up()
         missing = [p for p in projection.files if p not in looked]
         if missing:  # confirm with a stat of its own: a listing may miss a file
-            looked |= await asyncio.to_thread(stat_all, missing)
+            looked |= await asyncio.to_thread(stat_all, missing, self._look_fs)
+        # What left the disk is forgotten: recreated, it is reported again.
+        self._reported = {
+            p: r for p, r in self._reported.items() if p in looked or p == _NOTIFY_KEY
+        }
         await self._look_all(looked)
 
     async def look_at_live(self) -> None:
@@ -233,17 +384,47 @@ class Watcher:
         paths |= {s.path for s in projection.live()}
         paths |= self._dirty
         self._dirty.clear()
-        await self._look_all(await asyncio.to_thread(stat_all, paths))
+        await self._look_all(await asyncio.to_thread(stat_all, paths, self._look_fs))
 
     async def _look_all(self, looked: Looked) -> None:
         for n, path in enumerate(sorted(looked), start=1):
-            current = looked[path]
-            if isinstance(current, files.FileUnreadable):
-                log.warning("cannot stat file", path=path, error=str(current))
-            else:
-                await self._look_at(path, current)
+            await self._look_one(path, looked[path])
             if n % BATCH == 0:
                 await asyncio.sleep(0)
+
+    async def _look_one(self, path: str, current: Current) -> None:
+        """The per-path supervisor (see the module docstring): report what
+        the stat half recorded, decide, and contain whatever this one path
+        raises; the adapters' errors (CefError) are the watch's, not the
+        path's, and propagate."""
+        match current:
+            case WatchError(kind=kind, error=error):
+                if self._report(path, f"error:{kind}:{error}"):
+                    self._deps.metrics.watch_errors.labels(kind).inc()
+                    log.warning("cannot look at path", path=path, kind=kind, error=error)
+                return
+            case files.Skipped(reason=reason, detail=detail):
+                if self._report(path, f"skip:{reason}"):
+                    self._deps.metrics.files_skipped.labels(reason).inc()
+                    log.warning(_SKIP_MESSAGES[reason], path=path, reason=reason, target=detail)
+                current = None  # not a recording: as if nothing were there
+            case _:
+                self._reported.pop(path, None)
+        try:
+            await self._look_at(path, current)
+        except CefError:
+            raise
+        except Exception as exc:  # the per-path supervisor (decision half)
+            if self._report(path, f"error:internal:{type(exc).__name__}"):
+                self._deps.metrics.watch_errors.labels("internal").inc()
+                log.exception("failed to handle path; going on with the next", path=path)
+
+    def _report(self, path: str, problem: str) -> bool:
+        """True the first time ``path`` has ``problem`` (log and count it)."""
+        if self._reported.get(path) == problem:
+            return False
+        self._reported[path] = problem
+        return True
 
     def _known(self, path: str) -> StreamState | FileRecord | None:
         state = self._deps.projection.state
@@ -286,7 +467,7 @@ class Watcher:
         if cached is not None and cached[0] == sig:
             return cached[1]
         try:
-            verdict = await asyncio.to_thread(mp4.check_file, path)
+            verdict = await asyncio.to_thread(mp4.check_file, to_fs(path))
         except OSError as exc:
             verdict = mp4.Mp4Verdict(mp4.Mp4Status.INVALID, f"cannot read: {exc}")
         self._verdicts[path] = (sig, verdict)
@@ -362,7 +543,7 @@ class Watcher:
             path=path,
             rel_path=rel,
             bucket=self._cfg.s3_bucket_name,
-            key=f"{self._cfg.s3_key_prefix}{stream_id}/{rel}",
+            key=object_key(self._cfg.s3_key_prefix, stream_id, rel),
             size=current.size,
             mtime_ns=current.mtime_ns,
             inode=current.inode,

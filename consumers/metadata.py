@@ -35,6 +35,7 @@ import structlog
 
 from cefmp4.deps import Deps
 from cefmp4.events import Continues, Event, MetadataWritten, StreamCompleted
+from cefmp4.pathnames import to_fs
 from projections.streams import Part, StreamState
 
 log = structlog.get_logger(__name__)
@@ -297,7 +298,7 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
 
 async def run_ffprobe(
     executable: str,
-    path: str,
+    path: str | bytes,
     *,
     max_output: int = FFPROBE_MAX_OUTPUT_BYTES,
 ) -> Probe:
@@ -348,7 +349,10 @@ class MetadataWriter:
         self._deps = deps
 
     async def probe(self, path: str) -> Probe:
-        return await run_ffprobe(self._deps.config.ffprobe_path, path)
+        """``path`` in wire form; ffprobe gets the file's own bytes, behind
+        ``file:`` so no name (``-x.mp4``, ``concat:...``) reads as an option
+        or a protocol."""
+        return await run_ffprobe(self._deps.config.ffprobe_path, b"file:" + to_fs(path))
 
     async def handle(self, event: Event) -> None:
         assert isinstance(event, StreamCompleted)

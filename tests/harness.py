@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,8 @@ class ServiceProcess:
     test kill -9, SIGTERM and several replicas (tests and benchmarks).
 
     Runs in ``workdir`` (default: next to the log) so no stray ``.env`` is read.
+    ``prefix`` goes before the interpreter (e.g. ``setpriv --reuid ...`` to
+    run it as another user) and ``python`` replaces it.
     """
 
     def __init__(
@@ -189,6 +191,9 @@ class ServiceProcess:
         log_path: Path,
         replica_id: str = "",
         workdir: Path | None = None,
+        *,
+        prefix: Sequence[str] = (),
+        python: str = PYTHON,
     ) -> None:
         self.env = subprocess_env(config)
         if replica_id:
@@ -196,6 +201,7 @@ class ServiceProcess:
         self.replica_id = replica_id
         self.log_path = log_path
         self._workdir = workdir or log_path.parent
+        self._command = [*prefix, python, "-m", "cefmp4", "run"]
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
 
@@ -209,7 +215,7 @@ class ServiceProcess:
         self._workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "cefmp4", "run"],
+                self._command,
                 env=self.env,
                 cwd=self._workdir,
                 stdin=subprocess.DEVNULL,

@@ -4,9 +4,9 @@ interface, and the container image's user.
 The metrics check runs the real ``cefmp4 run`` as a child process and reads
 the kernel's table of *that process's* listening sockets (its fds matched
 against ``/proc/net/tcp``/``tcp6``), so it fails if the endpoint binds every
-interface even though 127.0.0.1 would answer either way. The image cannot be
-built here (no Docker engine); the Dockerfile and compose file are parsed for
-the few lines that make it non-root.
+interface even though 127.0.0.1 would answer either way. The image is built
+and run only by ``tests/test_image.py`` (``-m image``); here the Dockerfile and
+compose file are parsed for the few lines that make it non-root.
 """
 
 from __future__ import annotations
@@ -93,7 +93,9 @@ def instructions(dockerfile: str) -> list[tuple[str, str]]:
 
 def test_image_runs_as_a_fixed_non_root_uid_with_metrics_on_all_interfaces() -> None:
     steps = instructions((REPO / "deploy" / "Dockerfile").read_text())
-    assert [arg for op, arg in steps if op == "FROM"] == ["python:3.11-slim"]
+    # Every stage is FROM ${BASE}, which defaults to python:3.11-slim.
+    assert ("ARG", "BASE=python:3.11-slim") in steps
+    assert {arg.split()[0] for op, arg in steps if op == "FROM"} == {"${BASE}"}
     users = [arg for op, arg in steps if op == "USER"]
     assert users, "no USER: the container would run as root"
     uid, _, gid = users[-1].partition(":")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgspec
 import structlog
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from cefmp4 import config as config_mod
 from cefmp4 import eventscli, retrycli
@@ -29,6 +29,8 @@ from cefmp4.config import Config
 from cefmp4.durations import duration
 from cefmp4.errors import ConfigError
 from cefmp4.gc import DEFAULT_OLDER_THAN, run_gc
+from cefmp4.health import Health
+from cefmp4.httpserver import Endpoints, PortInUse, open_server
 from cefmp4.localservers import RedisServer, SeaweedS3
 from cefmp4.logsetup import configure, redact_url
 from cefmp4.memory import return_large_buffers
@@ -51,10 +53,23 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     registry = CollectorRegistry()
-    if config.prom_port:
+    health = Health()
+    try:
         # METRICS_ADDR: loopback unless the deployment opens it (the image does).
-        start_http_server(config.prom_port, addr=config.metrics_addr, registry=registry)
-        log.info("metrics endpoint", addr=config.metrics_addr, port=config.prom_port)
+        server = open_server(Endpoints(registry, health), config.metrics_addr, config.prom_port)
+    except PortInUse as exc:
+        log.error(str(exc))  # one line naming PROM_PORT; exit 2 like a bad value
+        raise SystemExit(2) from None
+    with server or contextlib.nullcontext():
+        if server is not None:
+            log.info("metrics endpoint", addr=config.metrics_addr, port=server.port,
+                     paths="/metrics /healthz /readyz")  # fmt: skip
+        await _serve(config, registry, health, stop)
+
+
+async def _serve(
+    config: Config, registry: CollectorRegistry, health: Health, stop: asyncio.Event
+) -> None:
     log.info(
         "connecting",
         redis=redact_url(config.redis_url),
@@ -62,7 +77,7 @@ async def serve(config: Config) -> None:
         bucket=config.s3_bucket_name,
     )
     async with connect(config) as (redis, store):
-        service = Service(config, redis, store, registry)
+        service = Service(config, redis, store, registry, health=health)
         task = asyncio.create_task(service.run(stop))
         await asyncio.wait(
             [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED

@@ -215,8 +215,7 @@ class Uploads:
             ),
             fence,
         )
-        self._deps.metrics.parts.labels(why).inc()
-        self._deps.metrics.bytes.inc(span.size)
+        self._deps.metrics.uploaded(why, span.size, self._deps.now())
         return etag
 
     async def fail(self, s: StreamState, fence: Fence, reason: str, detail: str = "") -> None:

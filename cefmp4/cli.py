@@ -60,38 +60,36 @@ async def serve(config: Config) -> None:
     except PortInUse as exc:
         log.error(str(exc))  # one line naming PROM_PORT; exit 2 like a bad value
         raise SystemExit(2) from None
-    with server or contextlib.nullcontext():
-        if server is not None:
-            log.info("metrics endpoint", addr=config.metrics_addr, port=server.port,
-                     paths="/metrics /healthz /readyz")  # fmt: skip
-        await _serve(config, registry, health, stop)
-
-
-async def _serve(
-    config: Config, registry: CollectorRegistry, health: Health, stop: asyncio.Event
-) -> None:
-    log.info(
-        "connecting",
-        redis=redact_url(config.redis_url),
-        s3=config.s3_endpoint_url or "AWS",
-        bucket=config.s3_bucket_name,
-    )
-    async with connect(config) as (redis, store):
-        service = Service(config, redis, store, registry, health=health)
-        task = asyncio.create_task(service.run(stop))
-        await asyncio.wait(
-            [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+    if server is not None:
+        server.start()
+        log.info("metrics endpoint", addr=config.metrics_addr, port=server.port,
+                 paths="/metrics /healthz /readyz")  # fmt: skip
+    try:
+        log.info(
+            "connecting",
+            redis=redact_url(config.redis_url),
+            s3=config.s3_endpoint_url or "AWS",
+            bucket=config.s3_bucket_name,
         )
-        if not task.done():
-            try:
-                async with asyncio.timeout(config.shutdown_grace_seconds):
-                    await asyncio.shield(task)
-            except TimeoutError:
-                log.warning("grace period over; abandoning in-flight work to the next start")
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        task.result() if not task.cancelled() else None
+        async with connect(config) as (redis, store):
+            service = Service(config, redis, store, registry, health=health)
+            task = asyncio.create_task(service.run(stop))
+            await asyncio.wait(
+                [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+            )
+            if not task.done():
+                try:
+                    async with asyncio.timeout(config.shutdown_grace_seconds):
+                        await asyncio.shield(task)
+                except TimeoutError:
+                    log.warning("grace period over; abandoning in-flight work to the next start")
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            task.result() if not task.cancelled() else None
+    finally:
+        if server is not None:
+            server.close()
 
 
 @contextlib.contextmanager

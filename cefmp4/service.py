@@ -188,30 +188,27 @@ class Service:
             asyncio.create_task(self._supervise("probes", self._probes.run, never)),
         ]
         try:
-            await self._run(stop)
+            await self.start()
+            log.info(
+                "service running",
+                watch_dir=str(self.deps.config.watch_root),
+                replica=self.deps.config.replica,
+            )
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._supervise("watcher", lambda: self._watch(stop), stop))
+                for consumer in self.consumers:
+                    group.create_task(
+                        self._supervise(consumer.group, lambda c=consumer: c.run(stop), stop)  # type: ignore[misc]
+                    )
+                group.create_task(self._supervise("sampler", lambda: self._sampler.run(stop), stop))
+                group.create_task(
+                    self._supervise("snapshots", lambda: self.deps.projection.run(stop), stop)
+                )
+            log.info("service stopped")
         finally:
             for task in liveness:
                 task.cancel()
             await asyncio.gather(*liveness, return_exceptions=True)
-
-    async def _run(self, stop: asyncio.Event) -> None:
-        await self.start()
-        log.info(
-            "service running",
-            watch_dir=str(self.deps.config.watch_root),
-            replica=self.deps.config.replica,
-        )
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._supervise("watcher", lambda: self._watch(stop), stop))
-            for consumer in self.consumers:
-                group.create_task(
-                    self._supervise(consumer.group, lambda c=consumer: c.run(stop), stop)  # type: ignore[misc]
-                )
-            group.create_task(self._supervise("sampler", lambda: self._sampler.run(stop), stop))
-            group.create_task(
-                self._supervise("snapshots", lambda: self.deps.projection.run(stop), stop)
-            )
-        log.info("service stopped")
 
     async def _watch(self, stop: asyncio.Event) -> None:
         """Watch while holding the watcher lease; stand by otherwise.

@@ -65,6 +65,13 @@ class Blocked:
     def causes(self) -> frozenset[BlockCause]:
         return frozenset(self._causes)
 
+    def reason(self) -> str | None:
+        """Why the deployment is blocked (causes and S3's first message), or None:
+        what /readyz and ``cefmp4 status`` show."""
+        if not self._causes:
+            return None
+        return "; ".join(f"{cause}: {message}" for cause, message in sorted(self._causes.items()))
+
     async def through(
         self,
         call: Callable[[], Awaitable[T]],

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgspec
 import structlog
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from cefmp4 import config as config_mod
 from cefmp4 import eventscli, retrycli
@@ -29,6 +29,8 @@ from cefmp4.config import Config
 from cefmp4.durations import duration
 from cefmp4.errors import ConfigError
 from cefmp4.gc import DEFAULT_OLDER_THAN, run_gc
+from cefmp4.health import Health
+from cefmp4.httpserver import Endpoints, PortInUse, open_server
 from cefmp4.localservers import RedisServer, SeaweedS3
 from cefmp4.logsetup import configure, redact_url
 from cefmp4.memory import return_large_buffers
@@ -51,32 +53,43 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     registry = CollectorRegistry()
-    if config.prom_port:
+    health = Health()
+    try:
         # METRICS_ADDR: loopback unless the deployment opens it (the image does).
-        start_http_server(config.prom_port, addr=config.metrics_addr, registry=registry)
-        log.info("metrics endpoint", addr=config.metrics_addr, port=config.prom_port)
-    log.info(
-        "connecting",
-        redis=redact_url(config.redis_url),
-        s3=config.s3_endpoint_url or "AWS",
-        bucket=config.s3_bucket_name,
-    )
-    async with connect(config) as (redis, store):
-        service = Service(config, redis, store, registry)
-        task = asyncio.create_task(service.run(stop))
-        await asyncio.wait(
-            [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+        server = open_server(Endpoints(registry, health), config.metrics_addr, config.prom_port)
+    except PortInUse as exc:
+        log.error(str(exc))  # one line naming PROM_PORT; exit 2 like a bad value
+        raise SystemExit(2) from None
+    if server is not None:
+        server.start()
+        log.info("metrics endpoint", addr=config.metrics_addr, port=server.port,
+                 paths="/metrics /healthz /readyz")  # fmt: skip
+    try:
+        log.info(
+            "connecting",
+            redis=redact_url(config.redis_url),
+            s3=config.s3_endpoint_url or "AWS",
+            bucket=config.s3_bucket_name,
         )
-        if not task.done():
-            try:
-                async with asyncio.timeout(config.shutdown_grace_seconds):
-                    await asyncio.shield(task)
-            except TimeoutError:
-                log.warning("grace period over; abandoning in-flight work to the next start")
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        task.result() if not task.cancelled() else None
+        async with connect(config) as (redis, store):
+            service = Service(config, redis, store, registry, health=health)
+            task = asyncio.create_task(service.run(stop))
+            await asyncio.wait(
+                [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+            )
+            if not task.done():
+                try:
+                    async with asyncio.timeout(config.shutdown_grace_seconds):
+                        await asyncio.shield(task)
+                except TimeoutError:
+                    log.warning("grace period over; abandoning in-flight work to the next start")
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            task.result() if not task.cancelled() else None
+    finally:
+        if server is not None:
+            server.close()
 
 
 @contextlib.contextmanager

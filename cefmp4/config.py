@@ -78,7 +78,10 @@ class Config(
     ffprobe_path: str = "ffprobe"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     app_env: Literal["development", "production"] = "development"
-    prom_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    # The HTTP endpoint (metrics, /healthz, /readyz; cefmp4.httpserver): unset
+    # is 8000, or a free port when 8000 is taken (a second replica on the
+    # host); 0 picks a free port; "off" serves nothing. The port is logged.
+    prom_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | Literal["off"] | None = None
     max_concurrent_streams: PositiveInt = 4
     part_concurrency: PositiveInt = 4
     claim_idle_seconds: PositiveFloat = 60.0

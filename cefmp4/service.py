@@ -30,12 +30,14 @@ from cefmp4.blocked import Blocked
 from cefmp4.config import Config
 from cefmp4.consumerloop import GroupConsumer, Handler
 from cefmp4.deps import Deps, utcnow
-from cefmp4.eventlog import EventLog
+from cefmp4.eventlog import EventLog, call_redis
+from cefmp4.health import Health, Probes, keep_beating
 from cefmp4.ids import stream_id
 from cefmp4.leases import Fence, Lease, StreamGuard
 from cefmp4.metrics import Metrics
 from cefmp4.retry import transient
 from cefmp4.s3store import S3Store, boto_config
+from cefmp4.sampler import Backlog, Sampler, backlog_of
 from cefmp4.storage import ObjectStore
 from cefmp4.watcher import Watcher
 from consumers.finalizer import Finalizer
@@ -80,6 +82,7 @@ class Service:
         registry: CollectorRegistry,
         *,
         now: Callable[[], Any] = utcnow,
+        health: Health | None = None,
     ) -> None:
         events = EventLog(redis, config.events_key, config.replica)
         self.metrics = Metrics(registry)
@@ -142,6 +145,20 @@ class Service:
         ]
         self.watcher = Watcher(self.deps, new_stream_id=lambda: stream_id(self.deps.now()))
         self._redis = redis
+        # /healthz and /readyz (cefmp4.health): the HTTP thread judges what
+        # these loop tasks observe. Probing an empty prefix of the bucket
+        # lists it: fails on a missing bucket, which HEAD of an object would not.
+        self.health = health or Health()
+        probe_prefix = f"{config.event_archive_prefix}readyz-probe/"
+        self._probes = Probes(
+            self.health,
+            {
+                "redis": lambda: call_redis(redis.ping, attempts=1),
+                "s3": lambda: store.list_keys(probe_prefix),
+            },
+            self.blocked.reason,
+        )
+        self._sampler = Sampler(projection, self.metrics, now, backlog=self._backlog)
 
     async def start(self) -> None:
         """Make sure the bucket and groups exist and replay the log."""
@@ -163,23 +180,36 @@ class Service:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.start()
-        log.info(
-            "service running",
-            watch_dir=str(self.deps.config.watch_root),
-            replica=self.deps.config.replica,
-        )
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._supervise("watcher", lambda: self._watch(stop), stop))
-            for consumer in self.consumers:
-                group.create_task(
-                    self._supervise(consumer.group, lambda c=consumer: c.run(stop), stop)  # type: ignore[misc]
-                )
-            group.create_task(self._gauge(stop))
-            group.create_task(
-                self._supervise("snapshots", lambda: self.deps.projection.run(stop), stop)
+        # Heartbeat and probes from the first moment (start may wait minutes
+        # for S3) to the last (the shutdown grace): until cancelled, not stop.
+        never = asyncio.Event()
+        beat = functools.partial(keep_beating, self.health)
+        liveness = [
+            asyncio.create_task(self._supervise("heartbeat", beat, never)),
+            asyncio.create_task(self._supervise("probes", self._probes.run, never)),
+        ]
+        try:
+            await self.start()
+            log.info(
+                "service running",
+                watch_dir=str(self.deps.config.watch_root),
+                replica=self.deps.config.replica,
             )
-        log.info("service stopped")
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._supervise("watcher", lambda: self._watch(stop), stop))
+                for consumer in self.consumers:
+                    group.create_task(
+                        self._supervise(consumer.group, lambda c=consumer: c.run(stop), stop)  # type: ignore[misc]
+                    )
+                group.create_task(self._supervise("sampler", lambda: self._sampler.run(stop), stop))
+                group.create_task(
+                    self._supervise("snapshots", lambda: self.deps.projection.run(stop), stop)
+                )
+            log.info("service stopped")
+        finally:
+            for task in liveness:
+                task.cancel()
+            await asyncio.gather(*liveness, return_exceptions=True)
 
     async def _watch(self, stop: asyncio.Event) -> None:
         """Watch while holding the watcher lease; stand by otherwise.
@@ -207,19 +237,19 @@ class Service:
             async with lease.kept() as lost:
                 inner = asyncio.Event()
                 relay = asyncio.create_task(_first_of(stop, lost, then=inner))
+                self.metrics.watcher_lease.set(1)
                 try:
                     await self.watcher.run(inner, Fence(self._redis, config.events_key, lease))
                 finally:
+                    self.metrics.watcher_lease.set(0)
                     relay.cancel()
             if lost.is_set() and not stop.is_set():
                 log.warning("watcher lease lost; standing by")
 
-    async def _gauge(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            self.metrics.live_streams.set(len(self.deps.projection.state.live()))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await stop.wait()
+    async def _backlog(self) -> list[Backlog]:
+        key = self.deps.config.events_key
+        infos: Any = await call_redis(lambda: self._redis.xinfo_groups(key), attempts=1)
+        return backlog_of(infos)
 
     async def _supervise(
         self, name: str, task: Callable[[], Coroutine[Any, Any, None]], stop: asyncio.Event

@@ -102,10 +102,11 @@ class Finalizer:
                 f"object {s.key} has size {info and info.size}, file has {current.size}",
                 reason="verify_failed",
             )
+        completed_at = self._deps.now()
         await self._deps.emit(
             StreamCompleted(
                 stream_id=s.stream_id,
-                at=self._deps.now(),
+                at=completed_at,
                 bucket=s.bucket,
                 key=s.key,
                 size=current.size,
@@ -118,7 +119,9 @@ class Finalizer:
             ),
             fence,
         )
-        self._deps.metrics.completed.labels(idle.mp4).inc()
+        self._deps.metrics.completed_stream(
+            idle.mp4, seen=s.started_at, idle=idle.at, changed_ns=idle.mtime_ns, at=completed_at
+        )
         log.info(
             "stream completed",
             stream_id=s.stream_id,
@@ -134,8 +137,7 @@ class Finalizer:
         _, md5_b64 = await asyncio.to_thread(md5_of, data)
         self._unchanged(s, idle)
         etag = await self._deps.store.put_object(s.key, data, md5_b64, CONTENT_TYPE)
-        self._deps.metrics.parts.labels("single").inc()
-        self._deps.metrics.bytes.inc(len(data))
+        self._deps.metrics.uploaded("single", len(data), self._deps.now())
         return etag, sha256
 
     async def _complete_multipart(

@@ -249,8 +249,7 @@ class Uploads:
             ),
             fence,
         )
-        self._deps.metrics.parts.labels(why).inc()
-        self._deps.metrics.bytes.inc(span.size)
+        self._deps.metrics.uploaded(why, span.size, self._deps.now())
         return etag
 
     async def copy_unchanged(

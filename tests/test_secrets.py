@@ -231,8 +231,8 @@ async def test_nothing_the_service_writes_holds_a_secret(
         assert service.returncode == 0
 
         # Error paths opened by a wrong secret, each in its own process:
-        # a wrong S3 secret is a permanent error at start (a traceback with a
-        # botocore ClientError in it), a wrong Redis password is retried.
+        # a wrong S3 secret blocks the deployment (waited out, S3's error in
+        # the log line), a wrong Redis password is retried.
         wrong_s3 = "wrong-s3-" + secrets.token_hex(12)
         bad_s3 = ServiceProcess(
             service_config(watch, redis_server.url, "other", bucket,
@@ -241,8 +241,11 @@ async def test_nothing_the_service_writes_holds_a_secret(
         )  # fmt: skip
         bad_s3.env["LOG_LEVEL"] = "DEBUG"
         bad_s3.start()
-        assert bad_s3.proc is not None and bad_s3.proc.wait(timeout=60) == 1
-        assert "botocore.exceptions.ClientError" in bad_s3.log_tail(), bad_s3.tail()
+        try:
+            await asyncio.to_thread(wait_for_log, bad_s3, "deployment blocked")
+        finally:
+            bad_s3.kill()
+        assert "SignatureDoesNotMatch" in bad_s3.log_tail(100_000), bad_s3.tail()
         wrong_password = "wrong-" + secrets.token_hex(12)
         bad_redis = ServiceProcess(
             service_config(watch, redis_server.url.replace(quote(password, safe=""),

@@ -447,7 +447,8 @@ async def probe_s3(config: Config, now: Callable[[], datetime] = utcnow) -> list
             checks.append(skew_check(_date_of(reply), local))
         if code is None:
             steps, leftovers = await round_trip(client, bucket, config.s3_key_prefix)
-            checks += permissions_check(steps, leftovers)
+            # The first call above was ListObjectsV2 (the archive's listing).
+            checks += permissions_check([Step("ListObjectsV2"), *steps], leftovers)
         elif checks[-1].name == "s3 bucket":
             checks.append(Check("s3 permissions", "warn", "not checked: no bucket to check in"))
         return checks

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import structlog
@@ -56,6 +57,7 @@ class Blocked:
         self._wait = wait  # attempt -> seconds; injected so tests need no clock
         self._causes: dict[BlockCause, str] = {}  # cause -> S3's message when it started
         self._since = 0.0
+        self._since_at = datetime.now(UTC)  # wall clock of _since, for cefmp4 status
         self._waiting = 0  # calls that met a block and have not ended yet
         self._ended = asyncio.Event()
         for cause in BLOCK_CAUSES:
@@ -64,6 +66,13 @@ class Blocked:
     @property
     def causes(self) -> frozenset[BlockCause]:
         return frozenset(self._causes)
+
+    def first(self) -> tuple[BlockCause, datetime, str] | None:
+        """(cause, since when, S3's message) of the first cause, or None."""
+        if not self._causes:
+            return None
+        cause = sorted(self._causes)[0]
+        return cause, self._since_at, self._causes[cause]
 
     def reason(self) -> str | None:
         """Why the deployment is blocked (causes and S3's first message), or None:
@@ -112,6 +121,7 @@ class Blocked:
             return
         if not self._causes:
             self._since = time.monotonic()
+            self._since_at = datetime.now(UTC)
             self._ended = asyncio.Event()
         self._causes[cause] = message
         self._gauge.labels(cause).set(1)

@@ -24,7 +24,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from cefmp4 import config as config_mod
-from cefmp4 import eventscli, retrycli
+from cefmp4 import doctor, eventscli, retrycli, statuscli, verifycli
 from cefmp4.config import Config
 from cefmp4.durations import duration
 from cefmp4.errors import ConfigError
@@ -35,6 +35,7 @@ from cefmp4.localservers import RedisServer, SeaweedS3
 from cefmp4.logsetup import configure, redact_url
 from cefmp4.memory import return_large_buffers
 from cefmp4.service import Service, connect
+from cefmp4.startup import StartupError, preflight
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +73,7 @@ async def serve(config: Config) -> None:
             bucket=config.s3_bucket_name,
         )
         async with connect(config) as (redis, store):
+            await preflight(config, redis)  # StartupError: one line, exit 2 (_main)
             service = Service(config, redis, store, registry, health=health)
             task = asyncio.create_task(service.run(stop))
             await asyncio.wait(
@@ -165,23 +167,41 @@ def _main(argv: Sequence[str] | None) -> int:
     gc.set_defaults(apply=False)
     eventscli.add_parser(commands)
     retrycli.add_parser(commands)
+    statuscli.add_parser(commands)
+    verifycli.add_parser(commands)
+    commands.add_parser("doctor", help="check Redis, S3, ffprobe, WATCH_DIR and inotify limits")
     args = parser.parse_args(argv)
+    if args.command == "verify" and not (args.paths or args.stream or args.since):
+        parser.error("verify: give PATH..., --stream ID or --since AGE")
     try:
         config = config_mod.load(os.environ)
     except ConfigError as exc:
+        if args.command == "doctor":
+            return doctor.main(None, str(exc), sys.stdout)
         print(f"cefmp4: invalid configuration: {exc}", file=sys.stderr)
         return 2
     configure(config)
     return_large_buffers()
-    if args.command == "local":
-        with local_servers(config, args.data_dir) as local_config:
-            asyncio.run(serve(local_config))
+    if args.command == "doctor":
+        return doctor.main(config, "", sys.stdout)
+    if args.command in ("run", "local"):
+        try:
+            if args.command == "local":
+                with local_servers(config, args.data_dir) as local_config:
+                    asyncio.run(serve(local_config))
+            else:
+                asyncio.run(serve(config))
+        except StartupError as exc:
+            print(f"cefmp4: cannot start: {exc}", file=sys.stderr)
+            return 2
+    elif args.command == "status":
+        return asyncio.run(statuscli.run_status(config, args, sys.stdout))
+    elif args.command == "verify":
+        return asyncio.run(verifycli.run_verify(config, args, sys.stdout))
     elif args.command == "events":
         return eventscli.main(config, args)
     elif args.command == "retry":
         return asyncio.run(retrycli.run_retry(config, args, sys.stdout))
     elif args.command == "gc":
         asyncio.run(run_gc(config, apply=args.apply, older_than=args.older_than, out=sys.stdout))
-    else:
-        asyncio.run(serve(config))
     return 0

@@ -75,6 +75,10 @@ class Config(
     s3_timeout_seconds: PositiveFloat = 60.0
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_key_prefix: Annotated[str, msgspec.Meta(min_length=1)] = "cefmp4"
+    # How long `cefmp4 run` waits for Redis at start before it exits 2 (a wrong
+    # URL or password is not worth waiting for forever); once running, Redis
+    # outages are waited out however long (cefmp4.startup).
+    redis_start_timeout_seconds: PositiveFloat = 60.0
     ffprobe_path: str = "ffprobe"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     app_env: Literal["development", "production"] = "development"

@@ -45,6 +45,7 @@ RECORDING_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.last_upload_at: datetime | None = None
         self.events = Counter(
             "cefmp4_events_appended", "Events appended to the log", ["type"], registry=registry
         )
@@ -178,6 +179,7 @@ class Metrics:
         self.parts.labels(why).inc()
         self.bytes.inc(size)
         self.last_upload.set(at.timestamp())
+        self.last_upload_at = at  # for the replica heartbeat (cefmp4 status)
 
     def completed_stream(
         self, mp4: str, *, seen: datetime, idle: datetime, changed_ns: int, at: datetime

@@ -32,6 +32,7 @@ from cefmp4.consumerloop import GroupConsumer, Handler
 from cefmp4.deps import Deps, utcnow
 from cefmp4.eventlog import EventLog, call_redis
 from cefmp4.health import Health, Probes, keep_beating
+from cefmp4.heartbeat import BlockedState, Heartbeat, ReplicaState, package_version
 from cefmp4.ids import stream_id
 from cefmp4.leases import Fence, Lease, StreamGuard
 from cefmp4.metrics import Metrics
@@ -159,6 +160,10 @@ class Service:
             self.blocked.reason,
         )
         self._sampler = Sampler(projection, self.metrics, now, backlog=self._backlog)
+        # Who this replica is and how it is, for `cefmp4 status` (cefmp4.heartbeat).
+        self._started_at = now()
+        self.watching = False
+        self._heartbeat = Heartbeat(redis, config, self.replica_state, now=now)
 
     async def start(self) -> None:
         """Make sure the bucket and groups exist and replay the log."""
@@ -203,6 +208,9 @@ class Service:
                     )
                 group.create_task(self._supervise("sampler", lambda: self._sampler.run(stop), stop))
                 group.create_task(
+                    self._supervise("replica-heartbeat", lambda: self._heartbeat.run(stop), stop)
+                )
+                group.create_task(
                     self._supervise("snapshots", lambda: self.deps.projection.run(stop), stop)
                 )
             log.info("service stopped")
@@ -210,6 +218,20 @@ class Service:
             for task in liveness:
                 task.cancel()
             await asyncio.gather(*liveness, return_exceptions=True)
+
+    def replica_state(self) -> ReplicaState:
+        """What ``cefmp4 status`` shows of this replica (the heartbeat's payload)."""
+        blocked = self.blocked.first()
+        return ReplicaState(
+            replica=self.deps.config.replica,
+            version=package_version(),
+            started_at=self._started_at,
+            last_upload_at=self.metrics.last_upload_at,
+            blocked=None
+            if blocked is None
+            else BlockedState(cause=blocked[0], since=blocked[1], message=blocked[2]),
+            watching=self.watching,
+        )
 
     async def _watch(self, stop: asyncio.Event) -> None:
         """Watch while holding the watcher lease; stand by otherwise.
@@ -238,9 +260,13 @@ class Service:
                 inner = asyncio.Event()
                 relay = asyncio.create_task(_first_of(stop, lost, then=inner))
                 self.metrics.watcher_lease.set(1)
+                self.watching = True
+                self._heartbeat.changed()
                 try:
                     await self.watcher.run(inner, Fence(self._redis, config.events_key, lease))
                 finally:
+                    self.watching = False
+                    self._heartbeat.changed()
                     self.metrics.watcher_lease.set(0)
                     relay.cancel()
             if lost.is_set() and not stop.is_set():

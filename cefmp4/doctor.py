@@ -33,22 +33,21 @@ import email.utils
 import hashlib
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-import aioboto3
 import aiohttp
 import botocore.exceptions as bexc
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
+from cefmp4.clients import s3_client
 from cefmp4.config import Config
 from cefmp4.deps import utcnow
 from cefmp4.logsetup import redact_url
-from cefmp4.s3store import boto_config
 
 Level = Literal["ok", "warn", "fail"]
 
@@ -306,20 +305,6 @@ def _date_of(reply: Any) -> datetime | None:
     return None
 
 
-@contextlib.asynccontextmanager
-async def s3_client(config: Config) -> AsyncIterator[Any]:
-    session = aioboto3.Session()
-    async with session.client(
-        "s3",
-        endpoint_url=config.s3_endpoint_url,
-        aws_access_key_id=config.s3_access_key_id,
-        aws_secret_access_key=config.s3_secret_access_key,
-        region_name=config.s3_region_name,
-        config=boto_config(pool=2, timeout=min(config.s3_timeout_seconds, S3_TIMEOUT)),
-    ) as client:
-        yield client
-
-
 async def _call(op: Callable[[], Awaitable[Any]]) -> Any:
     async with asyncio.timeout(S3_TIMEOUT):
         return await op()
@@ -430,7 +415,8 @@ async def _clean(
 async def probe_s3(config: Config, now: Callable[[], datetime] = utcnow) -> list[Check]:
     bucket = config.s3_bucket_name
     where = config.s3_endpoint_url or "AWS"
-    async with s3_client(config) as client:
+    timeout = min(config.s3_timeout_seconds, S3_TIMEOUT)
+    async with s3_client(config, pool=2, request_timeout=timeout) as client:
         reply: Any = None
         code: str | None = None
         message = ""

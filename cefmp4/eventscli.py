@@ -42,19 +42,17 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
-import aioboto3
 import msgspec
-import redis.asyncio as aioredis
 
 from cefmp4.archive import EventArchive
 from cefmp4.archive_format import RawEntry, encode_lines, fresh
+from cefmp4.clients import Unreachable, probed_redis, s3_client
 from cefmp4.config import Config
 from cefmp4.entryids import ZERO_ID, EntryId, format_id, parse_id
 from cefmp4.errors import CefError
-from cefmp4.eventlog import EventLog, call_redis
-from cefmp4.s3store import S3Store, boto_config
+from cefmp4.eventlog import EventLog
+from cefmp4.s3store import S3Store
 
 PAGE = 5_000  # entries per Redis read and per write to the output
 BLOCK_MS = 5_000  # one XREAD BLOCK; below the client's socket timeout
@@ -137,46 +135,9 @@ class View:
 # -- I/O ----------------------------------------------------------------------
 
 
-class Unreachable(CefError):
-    """Redis or S3 did not answer the probe: the command exits with 2."""
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-
-
-@contextlib.asynccontextmanager
-async def _redis(config: Config) -> AsyncIterator[aioredis.Redis]:
-    where = _without_password(config.redis_url)
-    try:
-        redis = aioredis.from_url(config.redis_url, socket_timeout=30, socket_connect_timeout=5)
-    except ValueError as exc:  # not a redis:// URL
-        raise Unreachable(f"cannot use REDIS_URL {where!r}: {exc}") from exc
-    try:
-        try:
-            await call_redis(redis.ping, attempts=1)
-        except CefError as exc:
-            raise Unreachable(f"cannot reach Redis at {where}: {exc}") from exc
-        yield redis
-    finally:
-        await redis.aclose()
-
-
 @contextlib.asynccontextmanager
 async def _archive(config: Config) -> AsyncIterator[EventArchive]:
-    session = aioboto3.Session()
-    async with session.client(
-        "s3",
-        endpoint_url=config.s3_endpoint_url,
-        aws_access_key_id=config.s3_access_key_id,
-        aws_secret_access_key=config.s3_secret_access_key,
-        region_name=config.s3_region_name,
-        config=boto_config(pool=4, timeout=config.s3_timeout_seconds),
-    ) as client:
+    async with s3_client(config) as client:
         timeout, bucket = config.s3_timeout_seconds, config.s3_bucket_name
         prefix = config.event_archive_prefix
         probe = S3Store(client, bucket, timeout=timeout, attempts=1)
@@ -233,7 +194,7 @@ async def _until_stopped(stop: asyncio.Event, read: asyncio.Future[list[RawEntry
 async def print_events(config: Config, options: Options, out: TextIO, stop: asyncio.Event) -> None:
     """Print the log as ``options`` say; return when done or when ``stop`` is set."""
     view, output = View(options), _Output(out)
-    async with _redis(config) as redis:
+    async with probed_redis(config) as redis:
         log = EventLog(redis, config.events_key, config.replica)
         if options.from_start:
             async with _archive(config) as archive:

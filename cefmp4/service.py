@@ -20,13 +20,13 @@ import functools
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-import aioboto3
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from cefmp4.archive import EventArchive, archive_through
 from cefmp4.blocked import Blocked
+from cefmp4.clients import redis_client, s3_client
 from cefmp4.config import Config
 from cefmp4.consumerloop import GroupConsumer, Handler
 from cefmp4.deps import Deps, utcnow
@@ -37,7 +37,7 @@ from cefmp4.ids import stream_id
 from cefmp4.leases import Fence, Lease, StreamGuard
 from cefmp4.metrics import Metrics
 from cefmp4.retry import transient
-from cefmp4.s3store import S3Store, boto_config
+from cefmp4.s3store import S3Store
 from cefmp4.sampler import Backlog, Sampler, backlog_of
 from cefmp4.storage import ObjectStore
 from cefmp4.watcher import Watcher
@@ -54,21 +54,11 @@ log = structlog.get_logger(__name__)
 @contextlib.asynccontextmanager
 async def connect(config: Config) -> AsyncIterator[tuple[aioredis.Redis, ObjectStore]]:
     """The two external clients, closed on exit."""
-    redis = aioredis.from_url(
-        config.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=15
-    )
+    redis = redis_client(config)
     # Enough connections for every part that may be in flight, plus sidecars.
     pool = config.max_concurrent_streams * config.part_concurrency + 4
-    session = aioboto3.Session()
     try:
-        async with session.client(
-            "s3",
-            endpoint_url=config.s3_endpoint_url,
-            aws_access_key_id=config.s3_access_key_id,
-            aws_secret_access_key=config.s3_secret_access_key,
-            region_name=config.s3_region_name,
-            config=boto_config(pool=pool, timeout=config.s3_timeout_seconds),
-        ) as client:
+        async with s3_client(config, pool=pool) as client:
             yield redis, S3Store(client, config.s3_bucket_name, timeout=config.s3_timeout_seconds)
     finally:
         await redis.aclose()

@@ -36,7 +36,7 @@ import contextlib
 import io
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -49,13 +49,13 @@ from rich.table import Table
 from rich.text import Text
 
 from cefmp4 import files
+from cefmp4.clients import probed_redis
 from cefmp4.config import Config
 from cefmp4.deps import utcnow
 from cefmp4.errors import CefError
 from cefmp4.eventlog import EventLog, call_redis
 from cefmp4.events import CODEC, StreamCompleted, StreamFailed
 from cefmp4.heartbeat import BlockedState, ReplicaState, read_heartbeats
-from cefmp4.logsetup import redact_url
 from projections.live import LiveProjection
 from projections.snapshots import SnapshotStore, snapshot_key
 from projections.streams import Projection, StreamState
@@ -358,28 +358,6 @@ def render_json(status: Status) -> str:
 # -- I/O --------------------------------------------------------------------------
 
 
-class Unreachable(CefError):
-    """Redis did not answer: the command exits with 2."""
-
-
-@contextlib.asynccontextmanager
-async def open_redis(config: Config) -> AsyncIterator[aioredis.Redis]:
-    """A Redis client that answered one PING (no retries), closed on exit."""
-    where = redact_url(config.redis_url)
-    try:
-        redis = aioredis.from_url(config.redis_url, socket_timeout=30, socket_connect_timeout=5)
-    except ValueError as exc:
-        raise Unreachable(f"cannot use REDIS_URL {where}: {exc}") from exc
-    try:
-        try:
-            await call_redis(redis.ping, attempts=1)
-        except CefError as exc:
-            raise Unreachable(f"cannot reach Redis at {where}: {exc}") from exc
-        yield redis
-    finally:
-        await redis.aclose()
-
-
 def _bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
@@ -525,7 +503,7 @@ async def _watch(config: Config, redis: aioredis.Redis, recent: int, out: TextIO
 async def run_status(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """The command: 0 when shown, 2 when Redis cannot be read (one line on stderr)."""
     try:
-        async with open_redis(config) as redis:
+        async with probed_redis(config) as redis:
             if args.watch:
                 await _watch(config, redis, args.recent, out)
                 return 0

@@ -47,11 +47,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-import aioboto3
 import msgspec
 import redis.asyncio as aioredis
 
 from cefmp4.archive import EventArchive
+from cefmp4.clients import probed_redis, s3_client
 from cefmp4.config import Config
 from cefmp4.deps import utcnow
 from cefmp4.durations import duration
@@ -60,8 +60,7 @@ from cefmp4.errors import CefError
 from cefmp4.eventlog import Entry, EventLog, call_redis
 from cefmp4.events import FileSeen, MetadataWritten, StreamCompleted
 from cefmp4.partplan import Span, final_parts
-from cefmp4.s3store import S3Store, boto_config
-from cefmp4.statuscli import open_redis
+from cefmp4.s3store import S3Store
 from cefmp4.storage import ObjectInfo, ObjectStore
 from consumers.finalizer import multipart_etag
 from projections.live import LiveProjection
@@ -348,15 +347,7 @@ def expected_of(projection: Projection, found: Found, stream_id: str | None) -> 
 
 @contextlib.asynccontextmanager
 async def open_store(config: Config) -> AsyncIterator[S3Store]:
-    session = aioboto3.Session()
-    async with session.client(
-        "s3",
-        endpoint_url=config.s3_endpoint_url,
-        aws_access_key_id=config.s3_access_key_id,
-        aws_secret_access_key=config.s3_secret_access_key,
-        region_name=config.s3_region_name,
-        config=boto_config(pool=4, timeout=config.s3_timeout_seconds),
-    ) as client:
+    async with s3_client(config) as client:
         yield S3Store(client, config.s3_bucket_name, timeout=config.s3_timeout_seconds,
                       attempts=S3_ATTEMPTS)  # fmt: skip
 
@@ -408,7 +399,7 @@ async def verify(
     now: datetime | None = None,
 ) -> list[Verdict]:
     now = now or utcnow()
-    async with open_redis(config) as redis, open_store(config) as store:
+    async with probed_redis(config) as redis, open_store(config) as store:
         events = EventLog(redis, config.events_key, config.replica)
         archive = EventArchive(store, config.event_archive_prefix)
         # Read-only, as the service restores: the snapshot, else the archive, then Redis.

@@ -35,13 +35,13 @@ from cefmp4.events import BytesAvailable, FileSeen, StreamIdle
 from cefmp4.eventscli import (
     Options,
     View,
-    _without_password,
     add_parser,
     matches,
     options_from,
     readable,
 )
 from cefmp4.localservers import free_port
+from cefmp4.logsetup import redact_url
 from cefmp4.service import connect
 from tests.harness import PYTHON, subprocess_env
 
@@ -149,9 +149,9 @@ def test_lines() -> None:
 
 
 def test_redis_password_is_not_printed() -> None:
-    assert _without_password("redis://u:secret@h:1/0") == "redis://u:***@h:1/0"
-    assert _without_password("redis://:secret@h/0") == "redis://:***@h/0"
-    assert _without_password("redis://h:1/0") == "redis://h:1/0"
+    assert redact_url("redis://u:secret@h:1/0") == "redis://u:***@h:1/0"
+    assert redact_url("redis://:secret@h/0") == "redis://:***@h/0"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
 
 
 def test_arguments() -> None:

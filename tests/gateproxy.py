@@ -32,6 +32,7 @@ class GateProxy:
         self._upstream = (parts.hostname, parts.port)
         self._gate = asyncio.Event()
         self._gate.set()
+        self._match = ""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.held = 0  # connections whose answer waits at the gate now
@@ -46,8 +47,10 @@ class GateProxy:
             raise RuntimeError("the proxy is not running")
         return f"http://{LOOPBACK}:{self._server.sockets[0].getsockname()[1]}"
 
-    def close(self) -> None:
-        """Hold every answer from the store from now on."""
+    def close(self, match: str = "") -> None:
+        """Hold the store's answers from now on: to every request, or only to
+        those whose request line contains ``match`` (``"partNumber="``: UploadPart)."""
+        self._match = match
         self._gate.clear()
 
     def open(self) -> None:
@@ -85,10 +88,13 @@ class GateProxy:
             writer.close()
             self._tasks.discard(task)
             return
+        # The request line last sent on this connection: HTTP/1.1 clients do
+        # not pipeline, so the next answer belongs to it.
+        last = [""]
         try:
             await asyncio.gather(
-                self._pump(reader, up_writer, gated=False),
-                self._pump(up_reader, writer, gated=True),
+                self._pump(reader, up_writer, last=last),
+                self._pump(up_reader, writer, last=last, gated=True),
                 return_exceptions=True,
             )
         finally:
@@ -97,13 +103,19 @@ class GateProxy:
             self._tasks.discard(task)
 
     async def _pump(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, gated: bool
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        *,
+        last: list[str],
+        gated: bool = False,
     ) -> None:
         try:
             while data := await src.read(64 * 1024):
                 if not gated and data.startswith(_METHODS):
-                    self.requests.append(data.split(b"\r\n", 1)[0].decode(errors="replace"))
-                if gated and not self._gate.is_set():
+                    last[0] = data.split(b"\r\n", 1)[0].decode(errors="replace")
+                    self.requests.append(last[0])
+                if gated and not self._gate.is_set() and self._match in last[0]:
                     self.held += 1
                     self.ever_held += 1
                     try:

@@ -8,10 +8,11 @@ that may reach the log or end the upload: no event from its REPLICA_ID about
 the stream after the takeover, the object completes once, byte-exact, from
 the other replica, and no multipart upload is left open.
 
-The pause lands deterministically inside the stream's lease: the paused
-replica reaches S3 through a ``GateProxy`` that holds S3's answers, so it is
-stopped while waiting for one, and the test checks the lease names it before
-going on.
+The pause lands deterministically inside the stream's lease, one step before
+an append: the paused replica reaches S3 through a ``GateProxy`` that holds
+S3's answer to its first UploadPart, so it is stopped waiting for it (its
+next step is recording the part), and the test checks the lease names it
+before going on.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ async def test_replica_paused_past_its_lease_cannot_record_or_end_the_stream(
             await asyncio.to_thread(paused.start, 30)  # the proxy runs in this loop
             async with log_only(config()) as (h, _service):
                 with dst.open("wb") as f:
-                    gate.close()  # from here on, A waits for every answer from S3
+                    # From here on, A waits for the answer to any UploadPart: it
+                    # holds the stream, and its next step is to record the part.
+                    gate.close(match="partNumber=")
                     f.write(data[: 6 * MiB])
                     f.flush()
                     stream = await until(

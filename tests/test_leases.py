@@ -271,3 +271,24 @@ async def test_lease_lost_before_abort_leaves_the_upload_alone(
     assert store.ended == [], "a replica without the lease aborted the upload"
     assert failed == []
     assert [u["UploadId"] for u in open_uploads(s3_client, bucket)] == [state.upload_id]
+
+
+async def test_lease_lost_before_create_opens_no_upload(
+    make_config: Any, watch: Path, s3_client: Any, bucket: str, redis: Any
+) -> None:
+    """A holder that lost the stream (paused past its TTL between listing the
+    uploads and creating one) must not open an upload nobody will record."""
+    dst = watch / "fenced.mp4"
+    dst.write_bytes(os.urandom(6 * MiB))
+    async with log_only(make_config()) as (h, service):
+        await service.start()
+        await service.watcher.run_once()
+        state = (await h.projection()).for_path(str(dst))
+        assert state is not None
+        async with service.uploads.working_on(state.stream_id) as held:
+            assert held is not None
+            s, fence = held
+            await redis.set(fence.lease.key, "thief:0000000000000000", px=60_000)
+            with pytest.raises(LeaseLost):
+                await service.uploads.create(s, fence)
+    assert open_uploads(s3_client, bucket) == []

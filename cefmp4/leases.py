@@ -135,7 +135,8 @@ class Lease:
 
     async def check(self) -> None:
         """Raise LeaseLost unless Redis confirms we still hold the lease."""
-        if self.token is None:
+        token = self.token
+        if token is None:
             raise LeaseLost(self.key)
         try:
             current = await self._redis.get(self.key)
@@ -143,7 +144,10 @@ class Lease:
             raise LeaseLost(f"{self.key}: cannot confirm: {exc}") from exc
         if isinstance(current, bytes):
             current = current.decode()
-        if current != self.token:
+        # Compare with the token we asked about, not with self.token: the
+        # renewer may drop that to None while the GET is in flight, and a key
+        # that is gone (None) must not then pass as "still ours".
+        if current != token:
             self.token = None
             raise LeaseLost(self.key)
 

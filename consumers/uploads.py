@@ -134,7 +134,12 @@ class Uploads:
     async def create(self, s: StreamState, fence: Fence) -> str:
         """CreateMultipartUpload, leaving no second upload behind: a create
         whose answer was lost is retried and makes one; keys are per stream
-        and we hold the stream, so any other upload of the key is an orphan."""
+        and we hold the stream, so any other upload of the key is an orphan.
+
+        The lease is checked first, as before complete and abort: a replica
+        that lost the stream (paused past its TTL) would otherwise open an
+        upload that nobody records, which stays open until gc."""
+        await fence.lease.check()
         upload_id = await self._deps.store.create_multipart(s.key, CONTENT_TYPE)
         for other in await self._deps.store.list_uploads(s.key):
             if other.key == s.key and other.upload_id != upload_id:

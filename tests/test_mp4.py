@@ -7,6 +7,7 @@ truncation point, and synthetic box trees whose chunk offsets we control.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import mmap
 import random
 import struct
@@ -247,13 +248,33 @@ def test_never_raises_on_arbitrary_bytes(data: bytes) -> None:
     verdict = check_structure(data)
     assert isinstance(verdict.status, Mp4Status)
     assert isinstance(verdict.reason, str)
+    # Only COMPLETE comes without a reason; and it must be earned.
+    assert (verdict.reason == "") == (verdict.status is COMPLETE), verdict
+    if verdict.status is COMPLETE:
+        _assert_tiles_with_offsets_in_mdat(data)
 
 
 @PROPERTY
 @given(st.binary(min_size=0, max_size=64))
 def test_never_raises_behind_a_valid_ftyp(tail: bytes) -> None:
     ftyp = struct.pack(">I4s4sI4s", 20, b"ftyp", b"isom", 512, b"isom")
-    assert check_structure(ftyp + tail).status is not INVALID
+    verdict = check_structure(ftyp + tail)
+    assert verdict.status is not INVALID
+    # Without an mdat and a moov there is no movie to call complete.
+    if not {"moov", "mdat"} <= set(_types(ftyp + tail)):
+        assert verdict.status is not COMPLETE, verdict
+
+
+def _assert_tiles_with_offsets_in_mdat(data: bytes) -> None:
+    """The invariants a COMPLETE verdict stands for, checked independently."""
+    boxes = list(iter_top_level_boxes(data))
+    assert boxes and boxes[0].offset == 0 and boxes[-1].end == len(data)
+    assert all(a.end == b.offset for a, b in itertools.pairwise(boxes))
+    mdats = [(b.payload_offset, b.end) for b in boxes if b.type == "mdat"]
+    assert mdats and [b.type for b in boxes].count("moov") == 1
+    for pos, width in chunk_offset_entries(data):
+        offset = int.from_bytes(data[pos : pos + width], "big")
+        assert any(lo <= offset < hi for lo, hi in mdats), (offset, mdats)
 
 
 @PROPERTY
@@ -271,7 +292,14 @@ def test_never_raises_on_corrupted_real_file(regular_bytes: bytes, data: st.Data
     for pos, value in writes:
         # Bias half the writes into moov, where the parser does the most work.
         mutated[pos if pos % 2 else moov.offset + pos % moov.size] = value
-    check_structure(mutated)
+    verdict = check_structure(mutated)
+    assert isinstance(verdict.status, Mp4Status)
+    if verdict.status is COMPLETE:
+        # "Complete" is a claim about the bytes, whatever they are: the top-level
+        # boxes still tile the file and every chunk offset lies inside an mdat.
+        _assert_tiles_with_offsets_in_mdat(bytes(mutated))
+    else:
+        assert verdict.reason, verdict
 
 
 @PROPERTY

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,7 @@ async def test_not_an_mp4_is_uploaded_and_sidecar_says_why(
     assert sidecar["mp4_structure"] == "invalid"
     assert sidecar["duration_seconds"] is None
     assert sidecar["ffprobe_error"]
+    assert state.idle is not None and state.idle.reason == "timeout"
     assert_clean(s3_client, bucket, 1)
 
 
@@ -354,14 +356,48 @@ async def test_restart_adopts_upload_and_parts_the_log_lacks(
     assert [u["UploadId"] for u in open_uploads(s3_client, bucket)] == [upload_id]
 
 
+@pytest.mark.parametrize("poll", [True, False], ids=["WATCH_POLL=true", "WATCH_POLL=false"])
 async def test_polling_mode_for_network_mounts(
-    make_config: Any, watch: Path, sources: mp4gen.Mp4Sources, s3_client: Any, bucket: str
-) -> None:
-    async with running(make_config(watch_poll=True, poll_interval_seconds=0.2)) as h:
-        dst = watch / "polled.mp4"
-        await mp4gen.record_append(sources.regular, dst, chunk=128 * 1024, delay=0.01)
-        state = await h.terminal(dst)
-    assert_stored(s3_client, bucket, state, sources.regular.read_bytes())
+    make_config: Any, watch: Path, tmp_path: Path, sources: mp4gen.Mp4Sources, s3_client: Any,
+    bucket: str, poll: bool,
+) -> None:  # fmt: skip
+    """Polling sees what inotify does not. A directory moved into WATCH_DIR
+    with a recording already inside gets one inotify event, for the directory
+    (filtered: not a recording), and none for the file - like a remote write
+    on NFS, only a poll notices it. With the rescan far beyond the test and
+    the file not live, the poller is the only way the file can be found:
+    with WATCH_POLL=true it is uploaded; the same scenario with
+    WATCH_POLL=false is the control: a recording written *after* the move is
+    seen, the moved-in one is not, so it is the poll that found it above."""
+    config = make_config(watch_poll=poll, poll_interval_seconds=0.2, rescan_interval_seconds=600.0)
+    data = sources.regular.read_bytes()
+    staged = tmp_path / "outside" / "sub"
+    staged.mkdir(parents=True)
+    (staged / "moved.mp4").write_bytes(data)
+    moved = watch / "sub" / "moved.mp4"
+
+    def seen(path: Path) -> Callable[[Any], bool]:
+        return lambda p: p.for_path(str(path)) is not None
+
+    async with running(config) as h:
+        # The first scan is done (it found this), and notifications run (they found that).
+        (watch / "a.mp4").write_bytes(data)
+        await h.until(seen(watch / "a.mp4"), what="the first scan")
+        (watch / "b.mp4").write_bytes(data)
+        await h.until(seen(watch / "b.mp4"), what="notifications running")
+        os.rename(staged, watch / "sub")
+        if poll:
+            state = await h.terminal(moved)
+        else:
+            # Later than the move, and sorted after it within one batch.
+            (watch / "zz.mp4").write_bytes(data)
+            p = await h.until(seen(watch / "zz.mp4"), what="the write after the move")
+    if poll:
+        assert_stored(s3_client, bucket, state, data)
+    else:
+        assert p.for_path(str(moved)) is None, (
+            "inotify saw the moved-in file: the test proves nothing"
+        )
 
 
 async def test_sidecar_describes_the_first_of_two_completions(

@@ -144,15 +144,19 @@ async def test_abort_makes_the_upload_gone(store: S3Store) -> None:
 
 
 async def test_put_object_and_overwrite_same_key(store: S3Store) -> None:
-    body = b'{"a": 1}'
+    first, second = b'{"a": 1}', b'{"a": 2, "b": "longer"}'
     assert (
-        await store.put_object("x.json", body, md5s(body)[1], "application/json") == md5s(body)[0]
+        await store.put_object("x.json", first, md5s(first)[1], "application/json")
+        == md5s(first)[0]
     )
+    # A second put to the key replaces the body (a sidecar written twice).
     assert (
-        await store.put_object("x.json", body, md5s(body)[1], "application/json") == md5s(body)[0]
+        await store.put_object("x.json", second, md5s(second)[1], "application/json")
+        == md5s(second)[0]
     )
     info = await store.head_object("x.json")
-    assert info is not None and info.size == len(body)
+    assert info is not None and info.size == len(second) and info.etag == md5s(second)[0]
+    assert await store.get_object("x.json") == second
 
 
 async def _put(store: S3Store, key: str, body: bytes) -> None:

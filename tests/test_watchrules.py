@@ -502,3 +502,59 @@ def test_decide_invariants(look: Look) -> None:
     if Forget() in actions:
         assert current is None and state is not None and state.terminal
     assert len(actions) == len(set(map(type, actions)))
+
+
+# --- liveness: the safety checks above pass for a decide() that never acts ---
+
+
+def _watch_over_time(
+    current: FileStat, state: StreamState, verdict: Mp4Verdict, timing: Timing, until: float
+) -> list[tuple[float, list[Action]]]:
+    """What the watcher does on each tick while the file stays ``current``:
+    decide, and on CheckMp4 decide again with the verdict (as the watcher
+    does), for quiet_for from 0 to ``until``. Returns (quiet_for, actions) of
+    every tick that acted."""
+    acted = []
+    # Evenly spaced ticks, plus the instants the rules name (a watcher ticks
+    # often; what matters is that acting never needs more than the rule says).
+    ticks = {until * i / 50 for i in range(51)} | {timing.coalesce, timing.settle, timing.timeout}
+    for quiet_for in sorted(t for t in ticks if t <= until):
+        actions = decide(current, state, quiet_for=quiet_for, verdict=None, idle_sent=None,
+                         timing=timing)  # fmt: skip
+        if actions == [CheckMp4()]:
+            actions = decide(current, state, quiet_for=quiet_for, verdict=verdict,
+                             idle_sent=None, timing=timing)  # fmt: skip
+        if actions:
+            acted.append((quiet_for, actions))
+    return acted
+
+
+@settings(max_examples=300, deadline=None)
+@given(state=live_streams, grown=st.integers(1, 25), patched=st.booleans(), timing=timings())
+def test_a_growing_file_is_reported(
+    state: StreamState, grown: int, patched: bool, timing: Timing
+) -> None:
+    """A live stream whose file grew (or was patched in place) gets Grew, at
+    the latest once the file paused for the coalescing time."""
+    current = FileStat(state.size + grown, state.mtime_ns + int(patched), state.inode)
+    acted = _watch_over_time(current, state, COMPLETE, timing, until=timing.coalesce)
+    assert acted and acted[0][1] == [Grew()], acted
+    assert acted[0][0] <= timing.coalesce
+
+
+@settings(max_examples=300, deadline=None)
+@given(state=live_streams, verdict=st.sampled_from(VERDICTS), timing=timings())
+def test_a_quiet_file_goes_idle(state: StreamState, verdict: Mp4Verdict, timing: Timing) -> None:
+    """A live stream whose file stopped changing goes idle: after the settle
+    time when it is structurally complete, after the timeout whatever it is."""
+    current = FileStat(state.size, state.mtime_ns, state.inode)
+    acted = _watch_over_time(current, state, verdict, timing, until=timing.timeout)
+    assert acted, "a quiet file never went idle"
+    quiet_for, actions = acted[0]
+    if verdict.status is Mp4Status.COMPLETE:
+        # (with settle == timeout the timeout rule comes first: also idle)
+        assert actions in ([Idle("settled")], [Idle("timeout")]), acted
+        assert quiet_for <= timing.settle
+    else:
+        assert actions == [Idle("timeout")], acted
+        assert quiet_for <= timing.timeout

@@ -266,7 +266,7 @@ async def test_lease_lost_before_abort_leaves_the_upload_alone(
             s, fence = held
             await redis.set(fence.lease.key, "thief:0000000000000000", px=60_000)
             with pytest.raises(LeaseLost):
-                await service.uploads.fail(s, fence, "deleted", "gone")
+                await service.uploads.abort(s, fence)  # what the failer does first
         failed = [e for _, e in await h.events() if isinstance(e, StreamFailed)]
     assert store.ended == [], "a replica without the lease aborted the upload"
     assert failed == []

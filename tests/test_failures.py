@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from cefmp4.events import StreamFailed
 from cefmp4.partplan import MAX_OBJECT_SIZE
+from cefmp4.s3store import translate
+from cefmp4.storage import ObjectStore
 from projections.streams import Projection
-from tests.harness import MiB, objects, open_uploads, running
+from tests.harness import MiB, log_only, objects, open_uploads, running
+from tests.test_pipeline import finalize_now, two_parts_sent
 
 
 def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -100,3 +104,46 @@ async def test_each_failure_reason_has_event_metric_and_log_line(
     assert not [k for k in objects(s3_client, bucket) if k.startswith(huge_state.key)]
     # Every failed stream's upload was aborted (the new, 1 MiB stream is one PUT).
     assert open_uploads(s3_client, bucket) == []
+
+
+class RejectingParts:
+    """The real store, except that S3 refuses every UploadPart with a 400
+    (as it would an oversized or malformed request): the error goes through
+    the adapter's own translation, so the handler sees what it would see."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self.rejected = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def upload_part(self, *args: Any, **kwargs: Any) -> str:
+        self.rejected += 1
+        error = {"Code": "InvalidArgument", "Message": "Part number must be an integer"}
+        reply = {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 400}}
+        raise translate(ClientError(reply, "UploadPart"))
+
+
+async def test_a_permanent_s3_error_fails_the_stream_once_and_aborts_its_upload(
+    make_config: Any, watch: Path, s3_client: Any, bucket: str
+) -> None:
+    dst = watch / "rejected.mp4"
+    dst.write_bytes(os.urandom(12 * MiB))
+    with capture_logs() as logs:
+        async with log_only(make_config()) as (h, service):
+            state = await two_parts_sent(h, service, dst)
+            store = RejectingParts(service.deps.store)
+            object.__setattr__(service.deps, "store", cast(ObjectStore, store))
+            after = await finalize_now(h, service, state, dst)  # the tail part is refused
+            events = [e for _, e in await h.events() if isinstance(e, StreamFailed)]
+            registry = service.metrics.registry
+    assert store.rejected == 1, "the tail part was sent once: a permanent error is not retried"
+    assert after.status == "failed" and after.failure_reason == "s3_rejected"
+    [failed] = events
+    assert failed.reason == "s3_rejected" and "InvalidArgument" in failed.detail
+    assert metric(registry, "cefmp4_streams_failed_total", reason="s3_rejected") == 1
+    [line] = [e for e in logs if e["event"] == "stream failed"]
+    assert line["log_level"] == "error" and line["reason"] == "s3_rejected"
+    assert open_uploads(s3_client, bucket) == []  # the stream's upload was aborted
+    assert [k for k in objects(s3_client, bucket) if k.startswith(state.key)] == []

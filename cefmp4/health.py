@@ -37,9 +37,9 @@ log = structlog.get_logger(__name__)
 
 HEARTBEAT_SECONDS = 0.5  # how often the loop stamps its heartbeat
 LIVE_BOUND_SECONDS = 5.0  # /healthz fails when the stamp is older
-PROBE_INTERVAL_SECONDS = 2.0  # pause between two rounds of readiness probes
+PROBE_INTERVAL_SECONDS = 5.0  # pause between two rounds of readiness probes (each an S3 request)
 PROBE_TIMEOUT_SECONDS = 5.0  # one probe longer than this failed
-READY_BOUND_SECONDS = 15.0  # a probe result older than this no longer counts
+READY_BOUND_SECONDS = 20.0  # a probe result older than this no longer counts
 
 # The checks /readyz requires; one that never reported is failing.
 READY_CHECKS = ("redis", "s3", "blocked")

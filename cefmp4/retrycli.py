@@ -7,8 +7,9 @@ bucket) is waited out instead and needs no retry. Once the cause is fixed -
 the file's permissions, say - this command appends one ``RetryRequested``
 per chosen stream. It creates nothing itself: the watcher, the only writer
 of new streams, sees the request in the projection's record of the file and
-starts a new stream for it, as for a new recording; the failed stream and
-its events stay as they were (the audit trail).
+starts a new stream for it, as for a new recording, at its next look at
+the file (a notification or the rescan, so within RESCAN_INTERVAL_SECONDS);
+the failed stream and its events stay as they were (the audit trail).
 
 Which streams: ``STREAM_ID`` or ``PATH`` (absolute, or relative to the
 current directory) of a failed recording, or ``--all-failed``. Only failed

@@ -91,6 +91,7 @@ from cefmp4.watchrules import (
     Timing,
     Truncated,
     decide,
+    settled_file,
 )
 from projections.streams import FileRecord, StreamState
 
@@ -140,22 +141,27 @@ Current = files.FileStat | files.Skipped | WatchError | None
 Looked = dict[str, Current]
 Found = files.FileStat | files.Skipped | None
 Look = Callable[[str], Found]
+Settled = Callable[[str, files.FileStat], bool]
 
 
-def walk(root: Path, look: Look) -> Looked:
+def walk(root: Path, look: Look, settled: Settled) -> tuple[Looked, set[str]]:
     """Every recording under ``root`` (wire-form path -> what ``look`` would
-    say of it) and the directories that could not be listed. Blocking: run it
-    in a thread. Walks bytes, so no name is lost in decoding; symlinked
-    directories are not descended into.
+    say of it) and the directories that could not be listed, leaving out
+    the recordings ``settled`` says need nothing; and the set of every
+    recording path seen. Blocking: run it in a thread. Walks bytes, so no
+    name is lost in decoding; symlinked directories are not descended into.
 
     This is the whole cost of a rescan, so the common case is cheap: one
     ``scandir`` per directory and one ``stat`` per recording. A regular
     file that is not a link, in a directory reached without links, is inside
     WATCH_DIR by construction, so ``look``'s realpath and the symlink rules
-    are needed only for links and special files.
+    are needed only for links and special files; and a finished recording
+    still as recorded (``settled``: the usual case, 100k of them on a busy
+    box) goes no further than this thread.
     """
     root_fs = os.fsencode(root)
     out: Looked = {}
+    seen: set[str] = set()
     stack = [root_fs]
     while stack:
         directory = stack.pop()
@@ -176,8 +182,11 @@ def walk(root: Path, look: Look) -> Looked:
                     stack.append(entry.path)
                 elif name.lower().endswith(b".mp4"):
                     wire = to_wire(entry.path)
-                    out[wire] = _guarded(wire, functools.partial(_plain, entry, wire, look))
-    return out
+                    seen.add(wire)
+                    found = _guarded(wire, functools.partial(_plain, entry, wire, look))
+                    if not (isinstance(found, files.FileStat) and settled(wire, found)):
+                        out[wire] = found
+    return out, seen
 
 
 def _plain(
@@ -259,6 +268,13 @@ class Watcher:
         self._rescan_now = False
         self._notified = False
         self._fence: Fence | None = None
+
+    def _settled(self, path: str, current: files.FileStat) -> bool:
+        """For the walk's thread: dict reads only (each atomic under the GIL;
+        a record changed meanwhile is looked at again by the next rescan)."""
+        state = self._deps.projection.state
+        record = state.files.get(path)
+        return record is not None and path not in state.by_path and settled_file(record, current)
 
     def _look_fs(self, path: str) -> files.FileStat | files.Skipped | None:
         return files.look(path, self._root_fs, self._follow)
@@ -361,14 +377,15 @@ class Watcher:
     async def scan(self) -> None:
         """Look at every recording on disk, and at every recorded one that is not."""
 
-        looked = await asyncio.to_thread(walk, self._root, self._look_fs)
+        await self._deps.projection.catch_up()
+        looked, seen = await asyncio.to_thread(walk, self._root, self._look_fs, self._settled)
         projection = await self._deps.projection.catch_up()
-        missing = [p for p in projection.files if p not in looked]
+        missing = [p for p in projection.files if p not in seen]
         if missing:  # confirm with a stat of its own: a listing may miss a file
             looked |= await asyncio.to_thread(stat_all, missing, self._look_fs)
         # What left the disk is forgotten: recreated, it is reported again.
         self._reported = {
-            p: r for p, r in self._reported.items() if p in looked or p == _NOTIFY_KEY
+            p: r for p, r in self._reported.items() if p in seen or p in looked or p == _NOTIFY_KEY
         }
         await self._look_all(looked)
 

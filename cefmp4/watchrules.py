@@ -124,18 +124,27 @@ def decide(
     return []
 
 
-def _decide_finished(current: FileStat | None, record: FileRecord) -> list[Action]:
-    if current is None:
-        return [Forget()]
+def settled_file(record: FileRecord, current: FileStat) -> bool:
+    """The finished recording's file is as recorded and no retry was asked:
+    nothing to do. The common case of a rescan (every finished file still on
+    disk), so the watcher asks it before anything else."""
     if record.retry and record.status == "failed":
-        return [Seen()]
-    if (current.size, current.mtime_ns, current.inode) != (
+        return False
+    return (current.size, current.mtime_ns, current.inode) == (
         record.size,
         record.mtime_ns,
         record.inode,
-    ):
-        return [Seen(_continuation(current, record))]
-    return []
+    )
+
+
+def _decide_finished(current: FileStat | None, record: FileRecord) -> list[Action]:
+    if current is None:
+        return [Forget()]
+    if settled_file(record, current):
+        return []
+    if record.retry and record.status == "failed":
+        return [Seen()]
+    return [Seen(_continuation(current, record))]
 
 
 def _continuation(current: FileStat, record: FileRecord) -> Continues | None:

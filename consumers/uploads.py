@@ -179,17 +179,8 @@ class Uploads:
             md5_hex, _ = await asyncio.to_thread(md5_of, data)
             if md5_hex != rp.etag:
                 continue  # stale bytes in the store: this part will be sent again
-            event = PartUploaded(
-                stream_id=s.stream_id,
-                at=self._deps.now(),
-                upload_id=upload_id,
-                part_number=rp.number,
-                offset=offset,
-                size=rp.size,
-                etag=rp.etag,
-                md5=md5_hex,
-            )
-            await self._deps.emit(event, fence)
+            span = Span(rp.number, offset, rp.size)
+            event = await self._record_part(s, upload_id, span, rp.etag, md5_hex, fence)
             parts[rp.number] = Part(rp.number, offset, rp.size, rp.etag, md5_hex, event.at)
             log.info("adopted part found in store", stream_id=s.stream_id, part=rp.number)
         self._reconciled.add((s.stream_id, upload_id))
@@ -241,21 +232,35 @@ class Uploads:
         if copied is not None:
             return copied
         etag = await self._deps.store.upload_part(s.key, upload_id, span.number, data, md5_b64)
-        await self._deps.emit(
-            PartUploaded(
-                stream_id=s.stream_id,
-                at=self._deps.now(),
-                upload_id=upload_id,
-                part_number=span.number,
-                offset=span.offset,
-                size=span.size,
-                etag=etag,
-                md5=md5_hex,
-            ),
-            fence,
-        )
+        await self._record_part(s, upload_id, span, etag, md5_hex, fence)
         self._deps.metrics.uploaded(why, span.size, self._deps.now())
         return etag
+
+    async def _record_part(
+        self,
+        s: StreamState,
+        upload_id: str,
+        span: Span,
+        etag: str,
+        md5_hex: str,
+        fence: Fence,
+        *,
+        copied: bool = False,
+    ) -> PartUploaded:
+        """The fact that the store holds ``span`` as part ``span.number``."""
+        event = PartUploaded(
+            stream_id=s.stream_id,
+            at=self._deps.now(),
+            upload_id=upload_id,
+            part_number=span.number,
+            offset=span.offset,
+            size=span.size,
+            etag=etag,
+            md5=md5_hex,
+            copied=copied,
+        )
+        await self._deps.emit(event, fence)
+        return event
 
     async def copy_unchanged(
         self, s: StreamState, upload_id: str, span: Span, md5_hex: str, fence: Fence
@@ -278,20 +283,7 @@ class Uploads:
         except NoSuchKey:
             log.warning("continued object is gone; sending the part", key=c.key, part=span.number)
             return None
-        await self._deps.emit(
-            PartUploaded(
-                stream_id=s.stream_id,
-                at=self._deps.now(),
-                upload_id=upload_id,
-                part_number=span.number,
-                offset=span.offset,
-                size=span.size,
-                etag=etag,
-                md5=md5_hex,
-                copied=True,
-            ),
-            fence,
-        )
+        await self._record_part(s, upload_id, span, etag, md5_hex, fence, copied=True)
         self._deps.metrics.parts.labels("copied").inc()
         self._deps.metrics.bytes_copied.inc(span.size)
         return etag

@@ -29,7 +29,9 @@ Snapshots (``projections.snapshots``, optional) bound the start-up replay:
   thread, so neither ``catch_up`` nor the event loop waits for them. One
   write at a time: while one is in flight, a snapshot that falls due waits
   for the next trigger.
-* Retention: after a snapshot is stored, entries older than
+* Retention: after a snapshot is stored, and on every tick of the timer
+  that finds nothing new to snapshot (time alone moves entries out of the
+  window), entries older than
   ``retention_seconds`` that the snapshot covers and no consumer group still
   needs are archived (``archive``, when given: the bucket keeps the audit
   trail) and then trimmed. Only the replica holding ``trim_lease`` trims, so
@@ -96,6 +98,7 @@ class LiveProjection:
         self._events_at_snapshot = 0  # state.events when a snapshot was last loaded or cut
         self._writer: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
+        self._covered: str | None = None  # last_id of the newest snapshot stored or loaded
         self.state = Projection()
         if retention_seconds > 0 and not self._every:
             log.warning(
@@ -127,6 +130,11 @@ class LiveProjection:
                 await self._fold_tail()
                 if self.state.events > self._events_at_snapshot and self._writer_free():
                     self._start_snapshot()
+                else:
+                    # Nothing new to snapshot, but time moved: entries the
+                    # stored snapshot covers may have left the retention
+                    # window since the last trim (a quiet system shrinks too).
+                    self._start_trim()
         await self.flush()
 
     async def flush(self) -> None:
@@ -179,6 +187,7 @@ class LiveProjection:
         else:
             self.state = snapshot
             self._events_at_snapshot = snapshot.events
+            self._covered = snapshot.last_id
             log.info(
                 "projection restored from snapshot",
                 last_id=snapshot.last_id,
@@ -240,8 +249,16 @@ class LiveProjection:
             files=len(cut.files),
             size=len(value),
         )
-        if self._retention > 0 and (self._trimmer is None or self._trimmer.done()):
-            self._trimmer = asyncio.create_task(self._trim(cut.last_id))
+        self._covered = cut.last_id
+        self._start_trim()
+
+    def _start_trim(self) -> None:
+        """Trim what the stored snapshot covers, unless a trim is running."""
+        covered = self._covered
+        if self._retention <= 0 or covered is None:
+            return
+        if self._trimmer is None or self._trimmer.done():
+            self._trimmer = asyncio.create_task(self._trim(covered))
             self._trimmer.add_done_callback(_report_crash)
 
     async def _trim(self, covered_id: str) -> None:

@@ -130,3 +130,42 @@ async def test_the_archive_holds_what_the_log_carried(
             assert bytes(entry.data) == fields[b"data"]
         decoded = [e async for e in archive.events()]
         assert [e for _, e in decoded if not isinstance(e, UnknownEvent)] == log
+
+
+async def test_a_quiet_system_is_trimmed_by_the_timer(
+    tmp_path: Path, redis_url: str, bucket: str, s3_endpoint: S3Endpoint
+) -> None:
+    """No new entry after the last snapshot: time alone moves the old ones out
+    of the retention window, and the timer trims them (after archiving)."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    config = service_config(tmp_path, redis_url, prefix, bucket, s3_endpoint)
+    async with connect(config) as (redis, store):
+        events = EventLog(redis, config.events_key, "test")
+        archive = EventArchive(store, config.event_archive_prefix)
+        live = LiveProjection(
+            events,
+            snapshots=SnapshotStore(redis, snapshot_key(prefix), config.events_key),
+            snapshot_every=1,
+            snapshot_interval=0.2,
+            retention_seconds=1.0,
+            archive=functools.partial(archive_through, events, archive),
+        )
+        log = mixed_log()
+        ids = [await events.append(event) for event in log]
+        await live.catch_up()
+        await live.flush()
+        assert await redis.xlen(config.events_key) == len(log)  # all younger than 1 s
+        stop = asyncio.Event()
+        timer = asyncio.create_task(live.run(stop))
+        try:
+            async with asyncio.timeout(30):
+                while await redis.xlen(config.events_key) > 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await timer
+        # Everything trimmed was archived first, in order; the one entry left
+        # in Redis is the snapshot's own (MINID keeps its bound).
+        archived = [e.id async for e in archive.read()]
+        assert archived == ids[: len(archived)] and len(archived) >= len(ids) - 1
+        assert live.state == replay(list(zip(ids, log, strict=True)))  # trimming changes no state

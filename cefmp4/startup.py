@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import asyncio
 
-import aioboto3
 import botocore.exceptions as bexc
 import redis.asyncio as aioredis
 
+from cefmp4.clients import s3_client
 from cefmp4.config import Config
 from cefmp4.errors import CefError
 from cefmp4.eventlog import call_redis
 from cefmp4.logsetup import redact_url
-from cefmp4.s3store import boto_config, translate
+from cefmp4.s3store import translate
 
 FIRST_WAIT = 0.2
 MAX_WAIT = 5.0
@@ -64,16 +64,8 @@ async def wait_for_redis(redis: aioredis.Redis, config: Config) -> None:
 async def check_s3(config: Config) -> None:
     """StartupError for missing credentials or a bucket that cannot be created;
     anything else (unreachable, refused) is left for the service to wait out."""
-    session = aioboto3.Session()
     bucket = config.s3_bucket_name
-    async with session.client(
-        "s3",
-        endpoint_url=config.s3_endpoint_url,
-        aws_access_key_id=config.s3_access_key_id,
-        aws_secret_access_key=config.s3_secret_access_key,
-        region_name=config.s3_region_name,
-        config=boto_config(pool=1, timeout=config.s3_timeout_seconds),
-    ) as client:
+    async with s3_client(config, pool=1) as client:
         try:
             async with asyncio.timeout(config.s3_timeout_seconds):
                 await client.head_bucket(Bucket=bucket)

@@ -545,6 +545,12 @@ class SeaweedS3(_ManagedServer):
     * ``-master.telemetry=false``: no phoning home.
     * ``-volume.preStopSeconds=0``: a single node has nobody to drain to, and
       the default second makes every stop slower.
+    * ``-volume.max=10000``: every bucket is a collection that grows volumes
+      of its own, and the default (free disk / volume size) ran out after a
+      few hundred buckets - the test suite makes one per test - answering
+      "No writable volumes and no free volumes left" (InternalError). Volume
+      files grow as written (nothing is preallocated), so the count costs no
+      disk.
     """
 
     _display_name = "seaweedfs (weed mini)"
@@ -646,6 +652,7 @@ class SeaweedS3(_ManagedServer):
             "-webdav=false",
             "-master.telemetry=false",
             "-volume.preStopSeconds=0",
+            "-volume.max=10000",
         ]
 
     def _listen_ports(self) -> tuple[int, ...]:

@@ -1,5 +1,9 @@
-"""Command line: ``cefmp4 run`` (the service) and ``cefmp4 local`` (the service
-on the local default: throwaway Redis and SeaweedFS under ``.cefmp4/``).
+"""CefMP4: stream growing MP4 recordings into S3, driven by an event log in Redis.
+
+``cefmp4 run`` is the service and ``cefmp4 local`` the service on the local
+default (throwaway Redis and SeaweedFS under ``.cefmp4/``); the other
+commands are the operator's (``events``, ``retry``, ``status``, ``verify``,
+``doctor``, ``gc``).
 
 Configuration is parsed here, once; a bad value exits with code 2 and one line
 naming the variable. SIGTERM/SIGINT stop taking new work and give in-flight

@@ -26,7 +26,7 @@ from cefmp4.leases import Fence, Lease, LeaseLost
 from cefmp4.partplan import final_parts
 from cefmp4.storage import ObjectStore
 from tests.harness import MiB, log_only, open_uploads
-from tests.test_pipeline import two_parts_sent
+from tests.test_pipeline import finalize_now, two_parts_sent
 
 TTL = 0.6  # short: kept() must renew several times inside one test
 
@@ -228,19 +228,7 @@ async def test_lease_lost_before_completion_leaves_the_upload_alone(
         object.__setattr__(service.deps, "store", cast(ObjectStore, thief))
         service.uploads.forget(state)  # the finalizer lists the parts once more
         thief.armed = True
-        stat = dst.stat()
-        await h.log.append(
-            StreamIdle(
-                stream_id=state.stream_id,
-                at=datetime.now(UTC),
-                size=stat.st_size,
-                mtime_ns=stat.st_mtime_ns,
-                reason="timeout",
-                mp4="invalid",
-            )
-        )
-        await next(c for c in service.consumers if c.group == "finalizers").run_once()
-        after = (await h.projection()).streams[state.stream_id]
+        after = await finalize_now(h, service, state, dst)
         pending = await redis.xpending(config.events_key, "finalizers")
     assert not thief.armed, "the lease was never taken away: the test did not run"
     assert thief.ended == [], "a replica without the lease ended the upload"

@@ -27,19 +27,19 @@ import msgspec
 import structlog
 from prometheus_client import CollectorRegistry
 
-from cefmp4 import config as config_mod
-from cefmp4 import doctor, eventscli, retrycli, statuscli, verifycli
-from cefmp4.config import Config
-from cefmp4.durations import duration
-from cefmp4.errors import ConfigError
-from cefmp4.gc import DEFAULT_OLDER_THAN, run_gc
-from cefmp4.health import Health
-from cefmp4.httpserver import Endpoints, PortInUse, open_server
-from cefmp4.localservers import RedisServer, SeaweedS3
-from cefmp4.logsetup import configure, redact_url
-from cefmp4.memory import return_large_buffers
-from cefmp4.service import Service, connect
-from cefmp4.startup import StartupError, preflight
+from cefmp4.adapters import environment
+from cefmp4.adapters.logsetup import configure, redact_url
+from cefmp4.dev.localservers import RedisServer, SeaweedS3
+from cefmp4.domain.config import Config
+from cefmp4.domain.durations import duration
+from cefmp4.domain.errors import ConfigError
+from cefmp4.ops import doctor, eventscli, retrycli, statuscli, verifycli
+from cefmp4.ops.gc import DEFAULT_OLDER_THAN, run_gc
+from cefmp4.runtime.health import Health
+from cefmp4.runtime.httpserver import Endpoints, PortInUse, open_server
+from cefmp4.runtime.memory import return_large_buffers
+from cefmp4.runtime.service import Service, connect
+from cefmp4.runtime.startup import StartupError, preflight
 
 log = structlog.get_logger(__name__)
 
@@ -178,7 +178,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "verify" and not (args.paths or args.stream or args.since):
         parser.error("verify: give PATH..., --stream ID or --since AGE")
     try:
-        config = config_mod.load(os.environ)
+        config = environment.load(os.environ)
     except ConfigError as exc:
         if args.command == "doctor":
             return doctor.main(None, str(exc), sys.stdout)

@@ -24,19 +24,20 @@ import time
 
 import structlog
 
-from cefmp4 import files
-from cefmp4.deps import Deps
-from cefmp4.errors import NoSuchUpload, PermanentError, StreamEnded
-from cefmp4.events import Event, StreamCompleted, StreamIdle
-from cefmp4.leases import Fence
-from cefmp4.partplan import Span, final_parts, fits_single_put
+from cefmp4.adapters import files
+from cefmp4.adapters.checksums import md5_of, multipart_etag
+from cefmp4.adapters.leases import Fence
+from cefmp4.domain.errors import NoSuchUpload, PermanentError, StreamEnded
+from cefmp4.domain.events import Event, StreamCompleted, StreamIdle
+from cefmp4.domain.filerules import FileStat
+from cefmp4.domain.partplan import Span, final_parts, fits_single_put
+from consumers.deps import Deps
 from consumers.uploads import (
     CONTENT_TYPE,
     Uploads,
     check_size,
     first_failure,
     matches,
-    md5_of,
 )
 from projections.streams import Part, StreamState
 
@@ -75,7 +76,7 @@ class Finalizer:
                     return
             self._deps.metrics.finalize_seconds.observe(time.monotonic() - started)
 
-    def _unchanged(self, s: StreamState, idle: StreamIdle) -> files.FileStat:
+    def _unchanged(self, s: StreamState, idle: StreamIdle) -> FileStat:
         current = files.stat(s.path)
         if current is None:
             raise files.FileGone(s.path)
@@ -239,15 +240,3 @@ class Finalizer:
             )
         finally:
             limit.release()
-
-
-def multipart_etag(part_etags: list[str]) -> str | None:
-    """S3's ETag of a completed multipart object: md5 of the part MD5s, '-N';
-    None when a part's ETag is not an MD5 (a copied part on some stores)."""
-    try:
-        digests = b"".join(bytes.fromhex(e) for e in part_etags)
-    except ValueError:
-        return None
-    if len(digests) != 16 * len(part_etags):
-        return None
-    return f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(part_etags)}"

@@ -33,9 +33,9 @@ from typing import Any
 import msgspec
 import structlog
 
-from cefmp4.deps import Deps
-from cefmp4.events import Continues, Event, MetadataWritten, StreamCompleted
-from cefmp4.pathnames import to_fs
+from cefmp4.domain.events import Continues, Event, MetadataWritten, StreamCompleted
+from cefmp4.domain.pathnames import to_fs
+from consumers.deps import Deps
 from projections.streams import Part, StreamState
 
 log = structlog.get_logger(__name__)

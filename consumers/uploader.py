@@ -5,7 +5,7 @@ Handles ``FileSeen`` and ``BytesAvailable`` (and the watcher's ``FileDeleted`` /
 handler looks at the projection and the file *now* and sends every whole part
 not yet in S3. Duplicate or late triggers therefore do nothing, and a burst of
 ``BytesAvailable`` costs one pass. Only whole parts are sent (see
-``cefmp4.partplan``); the multipart upload is created when the first exists.
+``cefmp4.domain.partplan``); the multipart upload is created when the first exists.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from cefmp4 import files
-from cefmp4.deps import Deps
-from cefmp4.errors import NoSuchUpload
-from cefmp4.events import BytesAvailable, Event, FileDeleted, FileSeen, FileTruncated
-from cefmp4.leases import Fence
-from cefmp4.partplan import whole_parts
+from cefmp4.adapters import files
+from cefmp4.adapters.leases import Fence
+from cefmp4.domain.errors import NoSuchUpload
+from cefmp4.domain.events import BytesAvailable, Event, FileDeleted, FileSeen, FileTruncated
+from cefmp4.domain.partplan import whole_parts
+from consumers.deps import Deps
 from consumers.uploads import Uploads, check_size, matches
 from projections.streams import StreamState
 

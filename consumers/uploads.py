@@ -23,29 +23,22 @@ may be handled twice and a process may die between any two steps:
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import structlog
 
-from cefmp4 import files
-from cefmp4.deps import Deps
-from cefmp4.errors import NoSuchKey, NoSuchUpload, PermanentError, StreamEnded
-from cefmp4.events import Continues, FailReason, PartUploaded, StreamFailed, UploadStarted
-from cefmp4.leases import Fence
-from cefmp4.partplan import Span, max_object_size, part_offset, part_size
+from cefmp4.adapters import files
+from cefmp4.adapters.checksums import md5_of
+from cefmp4.adapters.leases import Fence
+from cefmp4.domain.errors import NoSuchKey, NoSuchUpload, PermanentError, StreamEnded
+from cefmp4.domain.events import Continues, FailReason, PartUploaded, StreamFailed, UploadStarted
+from cefmp4.domain.partplan import Span, max_object_size, part_offset, part_size
+from consumers.deps import Deps
 from projections.streams import Part, StreamState
 
 log = structlog.get_logger(__name__)
 CONTENT_TYPE = "video/mp4"
-
-
-def md5_of(data: bytes) -> tuple[str, str]:
-    """(hex, base64) MD5; hashlib drops the GIL, so run it in a thread."""
-    digest = hashlib.md5(data, usedforsecurity=False).digest()
-    return digest.hex(), base64.b64encode(digest).decode()
 
 
 @contextmanager

@@ -54,17 +54,17 @@ from collections.abc import AsyncIterator, Callable
 
 import structlog
 
-from cefmp4.entryids import parse_id
-from cefmp4.errors import CefError
-from cefmp4.eventlog import Entry, EventLog
-from cefmp4.events import UnknownEvent
-from cefmp4.leases import Lease
+from cefmp4.adapters.eventlog import Entry, EventLog
+from cefmp4.adapters.leases import Lease
+from cefmp4.domain.entryids import parse_id
+from cefmp4.domain.errors import CefError
+from cefmp4.domain.events import UnknownEvent
 from projections.snapshots import Archiver, SnapshotStore, encode_snapshot
 from projections.streams import Projection
 
 log = structlog.get_logger(__name__)
 
-# The archived entries after an id, decoded (cefmp4.archive.EventArchive.events).
+# The archived entries after an id, decoded (cefmp4.adapters.archive.EventArchive.events).
 History = Callable[[str], AsyncIterator[Entry]]
 
 

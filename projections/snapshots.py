@@ -35,7 +35,7 @@ Retention (``trim``): ``XTRIM MINID`` to the smallest of
   and trimming it would silently drop that work;
 * the entry after the last one archived, when an ``archive`` is given: the
   caller's archiver is asked to archive everything below the other bounds
-  first (``cefmp4.archive``), and what it could not archive stays.
+  first (``cefmp4.adapters.archive``), and what it could not archive stays.
 
 MINID keeps the bound itself, so the entry at the snapshot's ``last_id``
 stays. Bounds only move forward (groups advance, time advances, snapshots
@@ -43,7 +43,7 @@ are monotonic), so reading them without a transaction is safe. Once
 anything was trimmed, a replay from scratch is no longer complete: ``LogInfo``
 tells ``LiveProjection`` so and it says so loudly when it has no snapshot.
 
-Redis errors are translated as in ``cefmp4.eventlog``: connection problems
+Redis errors are translated as in ``cefmp4.adapters.eventlog``: connection problems
 and timeouts are ``TransientError`` (retried), the rest ``PermanentError``.
 Loading retries until Redis answers (a process cannot start without its
 projection); saving and trimming give up after a few attempts, because they
@@ -60,9 +60,9 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 import structlog
 
-from cefmp4.entryids import EntryId, format_id, parse_id
-from cefmp4.errors import CefError, PermanentError
-from cefmp4.eventlog import call_redis
+from cefmp4.adapters.eventlog import call_redis
+from cefmp4.domain.entryids import EntryId, format_id, parse_id
+from cefmp4.domain.errors import CefError, PermanentError
 from projections.streams import Projection
 
 log = structlog.get_logger(__name__)
@@ -78,7 +78,7 @@ WRITE_ATTEMPTS = 3
 _HEADER_BYTES = 64
 
 # Archive every entry older than the given id; return the id through which the
-# log is archived ("0-0": nothing). See cefmp4.archive.archive_through.
+# log is archived ("0-0": nothing). See cefmp4.adapters.archive.archive_through.
 Archiver = Callable[[str], Awaitable[str]]
 
 

@@ -41,7 +41,7 @@ from typing import Literal
 
 import msgspec
 
-from cefmp4.events import (
+from cefmp4.domain.events import (
     BytesAvailable,
     Continues,
     Event,
@@ -58,7 +58,7 @@ from cefmp4.events import (
     StreamIdle,
     UploadStarted,
 )
-from cefmp4.partplan import capacity, final_parts
+from cefmp4.domain.partplan import capacity, final_parts
 
 Status = Literal["active", "idle", "completed", "failed"]
 TERMINAL: frozenset[Status] = frozenset({"completed", "failed"})

@@ -5,7 +5,7 @@ Where they come from:
 * If a Docker engine answers, testcontainers runs ``redis:7`` (with the same
   AOF settings as the local server) and MinIO, the way CI on a Docker host
   would.
-* Otherwise the throwaway servers of ``cefmp4.localservers`` run as child
+* Otherwise the throwaway servers of ``cefmp4.dev.localservers`` run as child
   processes: Debian's ``redis-server`` and SeaweedFS ``weed mini``, with data
   under pytest's session temp dir.
 
@@ -35,8 +35,8 @@ from typing import Any, Literal, Protocol
 
 import pytest
 
-from cefmp4.config import Config
-from cefmp4.localservers import RedisServer, S3Endpoint, SeaweedS3, make_s3_client
+from cefmp4.dev.localservers import RedisServer, S3Endpoint, SeaweedS3, make_s3_client
+from cefmp4.domain.config import Config
 from tests import mp4gen
 from tests.harness import service_config
 

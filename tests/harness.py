@@ -24,11 +24,11 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from cefmp4.config import Config
-from cefmp4.eventlog import EventLog
-from cefmp4.events import Event, UnknownEvent
-from cefmp4.localservers import S3Endpoint
-from cefmp4.service import Service, connect
+from cefmp4.adapters.eventlog import EventLog
+from cefmp4.dev.localservers import S3Endpoint
+from cefmp4.domain.config import Config
+from cefmp4.domain.events import Event, UnknownEvent
+from cefmp4.runtime.service import Service, connect
 from projections.streams import StreamState, fold
 
 MiB = 1024 * 1024

@@ -49,7 +49,7 @@ from typing import BinaryIO
 
 import msgspec
 
-from cefmp4.mp4 import Box, iter_child_boxes, iter_top_level_boxes
+from cefmp4.domain.mp4 import Box, iter_child_boxes, iter_top_level_boxes
 
 MIB = 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""The event archive (``cefmp4.archive``) on a real Redis and a real S3 store.
+"""The event archive (``cefmp4.adapters.archive``) on a real Redis and a real S3 store.
 
 What must hold:
 
@@ -28,13 +28,13 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from cefmp4.archive import EventArchive, archive_through
-from cefmp4.archive_format import RawEntry, parse_segment_key, segment_key
-from cefmp4.config import Config
-from cefmp4.eventlog import EventLog
-from cefmp4.events import BytesAvailable
-from cefmp4.service import connect
-from cefmp4.storage import ObjectStore
+from cefmp4.adapters.archive import EventArchive, archive_through
+from cefmp4.adapters.eventlog import EventLog
+from cefmp4.adapters.storage import ObjectStore
+from cefmp4.domain.archive_format import RawEntry, parse_segment_key, segment_key
+from cefmp4.domain.config import Config
+from cefmp4.domain.events import BytesAvailable
+from cefmp4.runtime.service import connect
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""The archive's format (``cefmp4.archive_format``), as properties.
+"""The archive's format (``cefmp4.domain.archive_format``), as properties.
 
 * a segment decodes to exactly the entries encoded, ``data`` byte for byte,
   and each line is a JSON object whose ``data`` is the event's JSON object
@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cefmp4.archive_format import (
+from cefmp4.domain.archive_format import (
     RawEntry,
     decode_segment,
     encode_segment,
@@ -30,7 +30,7 @@ from cefmp4.archive_format import (
     raw_entry,
     segment_key,
 )
-from cefmp4.entryids import format_id, parse_id
+from cefmp4.domain.entryids import format_id, parse_id
 
 U64 = 2**64 - 1
 ids = st.tuples(st.integers(0, U64), st.integers(0, U64))

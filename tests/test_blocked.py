@@ -21,22 +21,22 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from cefmp4.blocked import Blocked, blocked_wait
-from cefmp4.errors import (
-    BLOCK_CAUSES,
-    DeploymentBlocked,
-    NoSuchUpload,
-    PermanentError,
-    TransientError,
-)
-from cefmp4.localservers import S3Endpoint
-from cefmp4.metrics import Metrics
-from cefmp4.s3store import (
+from cefmp4.adapters.blocked import Blocked, blocked_wait
+from cefmp4.adapters.metrics import Metrics
+from cefmp4.adapters.s3store import (
     MIN_THROUGHPUT_BYTES_PER_SECOND,
     S3Store,
     boto_config,
     request_timeout,
     translate,
+)
+from cefmp4.dev.localservers import S3Endpoint
+from cefmp4.domain.errors import (
+    BLOCK_CAUSES,
+    DeploymentBlocked,
+    NoSuchUpload,
+    PermanentError,
+    TransientError,
 )
 
 MiB = 1024 * 1024

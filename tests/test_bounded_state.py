@@ -19,9 +19,9 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from cefmp4.archive import EventArchive
-from cefmp4.events import FileSeen
-from cefmp4.service import connect
+from cefmp4.adapters.archive import EventArchive
+from cefmp4.domain.events import FileSeen
+from cefmp4.runtime.service import connect
 from projections.snapshots import decode_snapshot, snapshot_key
 from projections.streams import Projection
 from tests import mp4gen

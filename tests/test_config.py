@@ -1,4 +1,4 @@
-"""Configuration parsing (``cefmp4.config.load``) and the CLI's exit code 2.
+"""Configuration parsing (``cefmp4.adapters.environment.load``) and the CLI's exit code 2.
 
 A service that starts with a wrong value (a 1-byte part size, a typo in a
 boolean) fails much later and far from the cause; these tests pin that bad
@@ -19,9 +19,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cefmp4 import cli
-from cefmp4.config import Config, is_host, load
-from cefmp4.errors import ConfigError
-from cefmp4.partplan import MIN_PART_SIZE
+from cefmp4.adapters.environment import load
+from cefmp4.domain.config import Config, is_host
+from cefmp4.domain.errors import ConfigError
+from cefmp4.domain.partplan import MIN_PART_SIZE
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent

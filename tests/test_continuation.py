@@ -25,8 +25,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from cefmp4.events import Continues, StreamCompleted
-from cefmp4.partplan import Span, final_parts
+from cefmp4.domain.events import Continues, StreamCompleted
+from cefmp4.domain.partplan import Span, final_parts
 from consumers.metadata import Probe, sidecar
 from consumers.uploads import unchanged_in
 from projections.streams import Completion, Part, StreamState

@@ -5,7 +5,7 @@ these checks are the default suite's: the compose file (PyYAML, what compose
 itself parses it with), the Dockerfile's base and HEALTHCHECK, the
 .dockerignore (Docker's rules: last matching pattern wins), the systemd unit
 (``systemd-analyze verify`` where systemd is installed, and its directives
-always) and the example environment file (through ``cefmp4.config.load``,
+always) and the example environment file (through ``cefmp4.adapters.environment.load``,
 the service's own parser).
 """
 
@@ -22,8 +22,9 @@ import msgspec
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML, installed with awscli (dev extra)
 
-from cefmp4 import config as config_module
-from cefmp4.durations import duration
+from cefmp4.adapters import environment
+from cefmp4.domain import config as config_module
+from cefmp4.domain.durations import duration
 from tests.test_exposure import instructions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -207,7 +208,7 @@ def env_example() -> dict[str, str]:
 def test_env_example_is_a_valid_config_of_known_variables() -> None:
     names = {f.encode_name for f in msgspec.structs.fields(config_module.Config)}
     assert set(env_example()) <= names, set(env_example()) - names
-    config = config_module.load({}, env_file=ENV_EXAMPLE)
+    config = environment.load({}, env_file=ENV_EXAMPLE)
     assert config.app_env == "production"
 
 
@@ -223,7 +224,7 @@ def test_systemd_unit_runs_unprivileged_hardened_and_outlasts_the_grace() -> Non
         assert service[key] == "yes", key
     assert service["ProtectSystem"] == "strict"
     assert service["CapabilityBoundingSet"] == ""
-    config = config_module.load({}, env_file=ENV_EXAMPLE)
+    config = environment.load({}, env_file=ENV_EXAMPLE)
     assert seconds(service["TimeoutStopSec"]) > config.shutdown_grace_seconds
     # The one place it reads, read-only, is the example's WATCH_DIR.
     assert config.watch_dir in service["ReadOnlyPaths"].split()

@@ -19,9 +19,11 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from cefmp4 import cli, doctor
-from cefmp4.config import Config
-from cefmp4.doctor import (
+from cefmp4 import cli
+from cefmp4.dev.localservers import RedisServer
+from cefmp4.domain.config import Config
+from cefmp4.ops import doctor
+from cefmp4.ops.doctor import (
     Check,
     Step,
     aof_check,
@@ -34,7 +36,6 @@ from cefmp4.doctor import (
     s3_access_check,
     skew_check,
 )
-from cefmp4.localservers import RedisServer
 from tests.harness import subprocess_env
 from tests.test_gc import use_config_env
 

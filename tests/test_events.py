@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cefmp4.events import (
+from cefmp4.domain.events import (
     EVENT_TYPES,
     BytesAvailable,
     Event,

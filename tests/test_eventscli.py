@@ -1,4 +1,4 @@
-"""``cefmp4 events`` (``cefmp4.eventscli``).
+"""``cefmp4 events`` (``cefmp4.ops.eventscli``).
 
 Pure parts as properties: however the archive's segments and the Redis window
 overlap, the output has every id once, in order; filters keep exactly the
@@ -26,13 +26,15 @@ from hypothesis import strategies as st
 from msgspec.structs import replace
 
 from cefmp4 import cli
-from cefmp4.archive import EventArchive, archive_through
-from cefmp4.archive_format import RawEntry, raw_entry
-from cefmp4.config import Config
-from cefmp4.entryids import format_id
-from cefmp4.eventlog import EventLog
-from cefmp4.events import BytesAvailable, FileSeen, StreamIdle
-from cefmp4.eventscli import (
+from cefmp4.adapters.archive import EventArchive, archive_through
+from cefmp4.adapters.eventlog import EventLog
+from cefmp4.adapters.logsetup import redact_url
+from cefmp4.dev.localservers import free_port
+from cefmp4.domain.archive_format import RawEntry, raw_entry
+from cefmp4.domain.config import Config
+from cefmp4.domain.entryids import format_id
+from cefmp4.domain.events import BytesAvailable, FileSeen, StreamIdle
+from cefmp4.ops.eventscli import (
     Options,
     View,
     add_parser,
@@ -40,9 +42,7 @@ from cefmp4.eventscli import (
     options_from,
     readable,
 )
-from cefmp4.localservers import free_port
-from cefmp4.logsetup import redact_url
-from cefmp4.service import connect
+from cefmp4.runtime.service import connect
 from tests.harness import PYTHON, subprocess_env
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)

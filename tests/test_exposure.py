@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from cefmp4.config import Config
-from cefmp4.localservers import free_port
+from cefmp4.dev.localservers import free_port
+from cefmp4.domain.config import Config
 from tests.harness import ServiceProcess
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,10 +18,10 @@ from botocore.exceptions import ClientError
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from cefmp4.events import StreamFailed
-from cefmp4.partplan import MAX_OBJECT_SIZE
-from cefmp4.s3store import translate
-from cefmp4.storage import ObjectStore
+from cefmp4.adapters.s3store import translate
+from cefmp4.adapters.storage import ObjectStore
+from cefmp4.domain.events import StreamFailed
+from cefmp4.domain.partplan import MAX_OBJECT_SIZE
 from projections.streams import Projection
 from tests.harness import MiB, log_only, objects, open_uploads, running
 from tests.test_pipeline import finalize_now, two_parts_sent

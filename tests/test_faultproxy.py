@@ -19,7 +19,7 @@ from typing import Any
 import botocore.exceptions as bexc
 import pytest
 
-from cefmp4.localservers import S3Endpoint, make_s3_client
+from cefmp4.dev.localservers import S3Endpoint, make_s3_client
 from tests.faultproxy import FaultProxy
 
 MiB = 1024 * 1024

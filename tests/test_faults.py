@@ -21,8 +21,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from cefmp4.events import FileSeen, StreamFailed
-from cefmp4.localservers import RedisServer, S3Endpoint
+from cefmp4.dev.localservers import RedisServer, S3Endpoint
+from cefmp4.domain.events import FileSeen, StreamFailed
 from tests import mp4gen
 from tests.faultproxy import FaultProxy
 from tests.harness import History, MiB, log_only, objects, open_uploads, running

@@ -26,7 +26,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from cefmp4.localservers import S3Endpoint
+from cefmp4.dev.localservers import S3Endpoint
 from tests.gateproxy import GateProxy
 from tests.harness import MiB, ServiceProcess, log_only, service_config
 from tests.test_pipeline import assert_clean, assert_stored

@@ -25,9 +25,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cefmp4 import cli
-from cefmp4.durations import duration
-from cefmp4.errors import NoSuchUpload
-from cefmp4.events import (
+from cefmp4.adapters.s3store import S3Store
+from cefmp4.adapters.storage import RemoteUpload
+from cefmp4.dev.localservers import S3Endpoint
+from cefmp4.domain.durations import duration
+from cefmp4.domain.errors import NoSuchUpload
+from cefmp4.domain.events import (
     BytesAvailable,
     Event,
     FileSeen,
@@ -35,7 +38,7 @@ from cefmp4.events import (
     StreamFailed,
     UploadStarted,
 )
-from cefmp4.gc import (
+from cefmp4.ops.gc import (
     ABORTABLE,
     DEFAULT_OLDER_THAN,
     GcDecision,
@@ -43,10 +46,7 @@ from cefmp4.gc import (
     plan_gc,
     run_gc,
 )
-from cefmp4.localservers import S3Endpoint
-from cefmp4.s3store import S3Store
-from cefmp4.service import connect
-from cefmp4.storage import RemoteUpload
+from cefmp4.runtime.service import connect
 from projections.streams import Projection, replay
 from tests import mp4gen
 from tests.harness import MiB, open_uploads, running, service_config, subprocess_env
@@ -251,7 +251,7 @@ def test_longer_older_than_never_aborts_more(
 
 
 def use_config_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], cwd: Path) -> None:
-    """Make ``config.load(os.environ)`` in this process return the test's Config."""
+    """Make ``environment.load(os.environ)`` in this process return the test's Config."""
     for name in list(os.environ):
         if name not in env:
             monkeypatch.delenv(name)

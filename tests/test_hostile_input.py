@@ -29,11 +29,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from cefmp4.events import FileSeen
-from cefmp4.localservers import S3Endpoint
-from cefmp4.objectkeys import MAX_KEY_BYTES
-from cefmp4.pathnames import to_wire
-from cefmp4.watcher import Watcher
+from cefmp4.dev.localservers import S3Endpoint
+from cefmp4.domain.events import FileSeen
+from cefmp4.domain.objectkeys import MAX_KEY_BYTES
+from cefmp4.domain.pathnames import to_wire
+from cefmp4.runtime.watcher import Watcher
 from projections.streams import StreamState
 from tests import mp4gen
 from tests.harness import (
@@ -398,7 +398,7 @@ def unprivileged() -> Iterator[Unprivileged]:
         env["PYTHONPATH"] = str(code)
         prefix = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
         check = subprocess.run(
-            [*prefix, python, "-c", "import cefmp4.service"],
+            [*prefix, python, "-c", "import cefmp4.runtime.service"],
             env={**os.environ, **env},
             cwd=root,
             capture_output=True,

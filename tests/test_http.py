@@ -20,10 +20,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge
 
-from cefmp4.config import Config, load
-from cefmp4.health import READY_CHECKS, Check, Health, keep_beating, liveness, readiness
-from cefmp4.httpserver import DEFAULT_PORT, PATHS, Endpoints, OpsServer, open_server, port_choices
-from cefmp4.localservers import RedisServer
+from cefmp4.adapters.environment import load
+from cefmp4.dev.localservers import RedisServer
+from cefmp4.domain.config import Config
+from cefmp4.runtime.health import READY_CHECKS, Check, Health, keep_beating, liveness, readiness
+from cefmp4.runtime.httpserver import (
+    DEFAULT_PORT,
+    PATHS,
+    Endpoints,
+    OpsServer,
+    open_server,
+    port_choices,
+)
 from tests.harness import ServiceProcess
 from tests.scrape import endpoint_port, get, poll, until_answer
 

@@ -1,4 +1,4 @@
-"""Stream ids (``cefmp4.ids.stream_id``): time-ordered and unique.
+"""Stream ids (``cefmp4.domain.ids.stream_id``): time-ordered and unique.
 
 The id is the first component of the object key, so S3 listings come out in
 recording order only if ids sort like the times they were made at; and two
@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cefmp4.ids import stream_id
+from cefmp4.domain.ids import stream_id
 
 ID_RE = re.compile(r"^\d{8}T\d{9}Z-[0-9a-f]{12}$")
 

@@ -31,8 +31,8 @@ import msgspec
 import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML, installed with awscli (dev extra)
 
-from cefmp4.config import Config
-from cefmp4.localservers import free_port
+from cefmp4.dev.localservers import free_port
+from cefmp4.domain.config import Config
 from tests import imagebuild
 from tests.harness import objects
 from tests.mp4gen import Mp4Sources

@@ -1,4 +1,4 @@
-"""Leases and the fence (``cefmp4.leases``) against a real Redis, and the
+"""Leases and the fence (``cefmp4.adapters.leases``) against a real Redis, and the
 lease checks right before CompleteMultipartUpload and AbortMultipartUpload.
 
 A lease is only as good as its compare-and-set: each test here has the lease
@@ -21,10 +21,10 @@ from typing import Any, cast
 import pytest
 import redis.asyncio as aioredis
 
-from cefmp4.events import StreamFailed, StreamIdle
-from cefmp4.leases import Fence, Lease, LeaseLost
-from cefmp4.partplan import final_parts
-from cefmp4.storage import ObjectStore
+from cefmp4.adapters.leases import Fence, Lease, LeaseLost
+from cefmp4.adapters.storage import ObjectStore
+from cefmp4.domain.events import StreamFailed, StreamIdle
+from cefmp4.domain.partplan import final_parts
 from tests.harness import MiB, log_only, open_uploads
 from tests.test_pipeline import finalize_now, two_parts_sent
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
-from cefmp4.eventlog import EventLog
-from cefmp4.events import BytesAvailable, FileSeen
+from cefmp4.adapters.eventlog import EventLog
+from cefmp4.domain.events import BytesAvailable, FileSeen
 from projections.live import LiveProjection
 from projections.streams import replay
 

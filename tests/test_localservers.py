@@ -23,7 +23,7 @@ import pytest
 import redis
 from botocore.exceptions import ClientError
 
-from cefmp4.localservers import JuiceFSGateway, RedisServer, free_port, make_s3_client
+from cefmp4.dev.localservers import JuiceFSGateway, RedisServer, free_port, make_s3_client
 
 MIB = 1024 * 1024
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cefmp4.events import (
+from cefmp4.domain.events import (
     Event,
     FileSeen,
     PartUploaded,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cefmp4.config import Config
+from cefmp4.domain.config import Config
 from tests.harness import ServiceProcess
 from tests.scrape import endpoint_port, get, poll, promtool
 

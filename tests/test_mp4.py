@@ -1,4 +1,4 @@
-"""Tests for cefmp4.mp4 (structural completeness) and the recorder simulators.
+"""Tests for cefmp4.domain.mp4 (structural completeness) and the recorder simulators.
 
 Real ffmpeg output anchors the verdicts; hypothesis covers garbage, every
 truncation point, and synthetic box trees whose chunk offsets we control.
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cefmp4.mp4 import (
+from cefmp4.domain.mp4 import (
     Box,
     Mp4Status,
     Mp4Verdict,

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from cefmp4.localservers import RedisServer, S3Endpoint
+from cefmp4.dev.localservers import RedisServer, S3Endpoint
 from tests import mp4gen
 from tests.faultproxy import FaultProxy
 from tests.harness import MiB, ServiceProcess, log_only, running, service_config

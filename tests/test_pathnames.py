@@ -10,9 +10,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cefmp4.filerules import Admit, Ignore, Skip, admit
-from cefmp4.objectkeys import MAX_KEY_BYTES, SIDECAR_SUFFIX, extension, object_key
-from cefmp4.pathnames import to_fs, to_fs_str, to_wire
+from cefmp4.domain.filerules import Admit, Ignore, Skip, admit
+from cefmp4.domain.objectkeys import MAX_KEY_BYTES, SIDECAR_SUFFIX, extension, object_key
+from cefmp4.domain.pathnames import to_fs, to_fs_str, to_wire
 
 # Any path Linux allows: bytes without NUL (``/`` included, as separators).
 fs_paths = st.binary(min_size=1, max_size=300).map(lambda b: b.replace(b"\x00", b"_"))

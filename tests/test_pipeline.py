@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from cefmp4.events import FileSeen, PartUploaded, StreamCompleted, StreamFailed, StreamIdle
-from cefmp4.service import Service
+from cefmp4.domain.events import FileSeen, PartUploaded, StreamCompleted, StreamFailed, StreamIdle
+from cefmp4.runtime.service import Service
 from projections.streams import StreamState
 from tests import mp4gen
 from tests.harness import (

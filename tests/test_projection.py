@@ -18,7 +18,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cefmp4.events import (
+from cefmp4.domain.events import (
     BytesAvailable,
     Continues,
     Event,
@@ -34,7 +34,7 @@ from cefmp4.events import (
     StreamIdle,
     UploadStarted,
 )
-from cefmp4.partplan import final_parts
+from cefmp4.domain.partplan import final_parts
 from projections.streams import (
     Completion,
     FileRecord,

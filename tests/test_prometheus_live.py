@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from cefmp4.config import Config
-from cefmp4.localservers import free_port
+from cefmp4.dev.localservers import free_port
+from cefmp4.domain.config import Config
 from tests.harness import ServiceProcess
 from tests.scrape import endpoint_port, get, poll
 

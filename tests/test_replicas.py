@@ -19,7 +19,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from cefmp4.localservers import S3Endpoint
+from cefmp4.dev.localservers import S3Endpoint
 from tests import mp4gen
 from tests.harness import MiB, ServiceProcess, log_only, service_config
 from tests.test_pipeline import assert_clean, assert_stored

@@ -1,7 +1,7 @@
 """A trimmed log plus its archive is the whole log.
 
 Redis keeps a short window (``EVENT_RETENTION``); everything older is first
-archived to the bucket (``cefmp4.archive``) and then trimmed. What must hold:
+archived to the bucket (``cefmp4.adapters.archive``) and then trimmed. What must hold:
 
 * for arbitrary event sequences, trimmed at arbitrary points, a process that
   starts with no usable snapshot rebuilds from archive + Redis exactly the
@@ -25,11 +25,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cefmp4.archive import EventArchive, archive_through
-from cefmp4.eventlog import EventLog
-from cefmp4.events import Event, UnknownEvent
-from cefmp4.localservers import S3Endpoint
-from cefmp4.service import connect
+from cefmp4.adapters.archive import EventArchive, archive_through
+from cefmp4.adapters.eventlog import EventLog
+from cefmp4.dev.localservers import S3Endpoint
+from cefmp4.domain.events import Event, UnknownEvent
+from cefmp4.runtime.service import connect
 from projections.live import LiveProjection
 from projections.snapshots import SnapshotStore, snapshot_key
 from projections.streams import replay

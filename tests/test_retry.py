@@ -21,9 +21,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from cefmp4 import cli
-from cefmp4.eventlog import EventLog
-from cefmp4.events import FileSeen, RetryRequested, StreamFailed
-from cefmp4.retrycli import run_retry, select
+from cefmp4.adapters.eventlog import EventLog
+from cefmp4.domain.events import FileSeen, RetryRequested, StreamFailed
+from cefmp4.ops.retrycli import run_retry, select
 from projections.streams import FileRecord
 from tests import mp4gen
 from tests.harness import History, objects, running, subprocess_env

@@ -1,4 +1,4 @@
-"""The sampled levels (cefmp4.sampler) and the seed's names (cefmp4.metrics):
+"""The sampled levels (cefmp4.runtime.sampler) and the seed's names (cefmp4.adapters.metrics):
 pure functions of the projection and of the counters."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from cefmp4.config import Config
-from cefmp4.metrics import Metrics
-from cefmp4.sampler import Backlog, backlog_of, not_durable_bytes, oldest_unfinished_seconds
+from cefmp4.adapters.metrics import Metrics
+from cefmp4.domain.config import Config
+from cefmp4.runtime.sampler import Backlog, backlog_of, not_durable_bytes, oldest_unfinished_seconds
 from projections.streams import Part, StreamState
 from tests.harness import running
 

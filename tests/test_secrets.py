@@ -33,9 +33,16 @@ from botocore.exceptions import ClientError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cefmp4.config import Config
-from cefmp4.localservers import RedisServer, S3Endpoint
-from cefmp4.logsetup import REDACTED, Redact, configure, redact_url, secrets_of, url_passwords
+from cefmp4.adapters.logsetup import (
+    REDACTED,
+    Redact,
+    configure,
+    redact_url,
+    secrets_of,
+    url_passwords,
+)
+from cefmp4.dev.localservers import RedisServer, S3Endpoint
+from cefmp4.domain.config import Config
 from tests import mp4gen
 from tests.harness import Harness, ServiceProcess, objects, service_config
 

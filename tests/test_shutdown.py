@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from cefmp4.config import Config
-from cefmp4.events import PartUploaded
-from cefmp4.partplan import whole_parts
+from cefmp4.domain.config import Config
+from cefmp4.domain.events import PartUploaded
+from cefmp4.domain.partplan import whole_parts
 from tests.gateproxy import GateProxy
 from tests.harness import MiB, ServiceProcess, log_only
 

@@ -33,10 +33,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.typing import EncodableT, FieldT
 
-from cefmp4.config import Config, load
-from cefmp4.errors import ConfigError
-from cefmp4.eventlog import Entry, EventLog
-from cefmp4.events import (
+from cefmp4.adapters.environment import load
+from cefmp4.adapters.eventlog import Entry, EventLog
+from cefmp4.domain.config import Config
+from cefmp4.domain.errors import ConfigError
+from cefmp4.domain.events import (
     BytesAvailable,
     Event,
     FileSeen,

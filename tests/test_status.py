@@ -24,16 +24,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cefmp4 import cli
-from cefmp4.config import Config
-from cefmp4.events import PartUploaded, StreamCompleted, StreamFailed
-from cefmp4.heartbeat import (
-    BlockedState,
-    Heartbeat,
-    ReplicaState,
-    read_heartbeats,
-    replica_key,
-)
-from cefmp4.statuscli import (
+from cefmp4.domain.config import Config
+from cefmp4.domain.events import PartUploaded, StreamCompleted, StreamFailed
+from cefmp4.ops.statuscli import (
     Facts,
     GroupFact,
     LeaseFact,
@@ -42,6 +35,13 @@ from cefmp4.statuscli import (
     lease_row,
     render_json,
     render_text,
+)
+from cefmp4.runtime.heartbeat import (
+    BlockedState,
+    Heartbeat,
+    ReplicaState,
+    read_heartbeats,
+    replica_key,
 )
 from projections.streams import Part, StreamState
 from tests import mp4gen

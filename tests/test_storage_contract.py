@@ -18,10 +18,10 @@ from pathlib import Path
 import aioboto3
 import pytest
 
-from cefmp4.errors import NoSuchKey, NoSuchUpload, PermanentError, TransientError
-from cefmp4.localservers import JuiceFSGateway, S3Endpoint, free_port
-from cefmp4.s3store import S3Store, boto_config
-from consumers.finalizer import multipart_etag
+from cefmp4.adapters.checksums import multipart_etag
+from cefmp4.adapters.s3store import S3Store, boto_config
+from cefmp4.dev.localservers import JuiceFSGateway, S3Endpoint, free_port
+from cefmp4.domain.errors import NoSuchKey, NoSuchUpload, PermanentError, TransientError
 
 MiB = 1024 * 1024
 

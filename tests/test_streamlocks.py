@@ -1,4 +1,4 @@
-"""Per-stream locks (``cefmp4.streamlocks.StreamLocks``).
+"""Per-stream locks (``cefmp4.adapters.streamlocks.StreamLocks``).
 
 The uploader, the finalizer and the watcher's reactions hold a stream's lock
 while they decide and act; if two of them interleaved on one stream, a
@@ -13,7 +13,7 @@ import asyncio
 
 import pytest
 
-from cefmp4.streamlocks import StreamLocks
+from cefmp4.adapters.streamlocks import StreamLocks
 
 
 async def test_same_stream_is_serialized() -> None:

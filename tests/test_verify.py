@@ -23,14 +23,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cefmp4 import cli
-from cefmp4.archive import EventArchive, archive_through
-from cefmp4.config import Config
-from cefmp4.eventlog import EventLog
-from cefmp4.partplan import final_parts
-from cefmp4.service import connect
-from cefmp4.storage import ObjectInfo
-from cefmp4.verifycli import Expected, FileDigest, digest_file, exit_code, judge
-from consumers.finalizer import multipart_etag
+from cefmp4.adapters.archive import EventArchive, archive_through
+from cefmp4.adapters.checksums import multipart_etag
+from cefmp4.adapters.eventlog import EventLog
+from cefmp4.adapters.storage import ObjectInfo
+from cefmp4.domain.config import Config
+from cefmp4.domain.partplan import final_parts
+from cefmp4.ops.verifycli import Expected, FileDigest, digest_file, exit_code, judge
+from cefmp4.runtime.service import connect
 from tests import mp4gen
 from tests.harness import running, subprocess_env
 from tests.test_gc import use_config_env

@@ -28,10 +28,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from cefmp4 import events as ev
-from cefmp4.consumerloop import GroupConsumer
-from cefmp4.eventlog import EventLog
-from cefmp4.events import (
+from cefmp4.adapters.eventlog import EventLog
+from cefmp4.adapters.metrics import Metrics
+from cefmp4.dev.schema import SCHEMA_PATH, event_schema, main, render
+from cefmp4.domain import events as ev
+from cefmp4.domain.events import (
     CODEC,
     EVENT_TYPES,
     UPCASTERS,
@@ -44,8 +45,7 @@ from cefmp4.events import (
     decode,
     encode,
 )
-from cefmp4.metrics import Metrics
-from cefmp4.schema import SCHEMA_PATH, event_schema, main, render
+from cefmp4.runtime.consumerloop import GroupConsumer
 from tests.test_events import any_event, event_strategy, wire
 
 AT = datetime(2024, 5, 17, 13, 37, 42, 123456, tzinfo=UTC)
@@ -264,7 +264,7 @@ def test_unknown_event_labels_keep_type_names() -> None:
 
 
 def test_the_shipped_schema_is_current() -> None:
-    # Fails when an event changed without `task schema` (python -m cefmp4.schema).
+    # Fails when an event changed without `task schema` (python -m cefmp4.dev.schema).
     assert SCHEMA_PATH.read_text(encoding="utf-8") == render(event_schema(EVENT_TYPES.values()))
 
 

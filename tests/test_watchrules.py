@@ -1,4 +1,4 @@
-"""The watcher's rules (``cefmp4.watchrules.decide``), one table row per rule.
+"""The watcher's rules (``cefmp4.domain.watchrules.decide``), one table row per rule.
 
 ``decide`` is where "is this a new recording, a growing one, or a finished
 one?" is answered; a wrong answer either loses data (finishing a file that is
@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cefmp4.events import Continues
-from cefmp4.files import FileStat
-from cefmp4.mp4 import Mp4Status, Mp4Verdict
-from cefmp4.watchrules import (
+from cefmp4.domain.events import Continues
+from cefmp4.domain.filerules import FileStat
+from cefmp4.domain.mp4 import Mp4Status, Mp4Verdict
+from cefmp4.domain.watchrules import (
     Action,
     CheckMp4,
     Forget,

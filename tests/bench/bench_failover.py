@@ -28,8 +28,8 @@ from typing import Any
 import msgspec
 import redis
 
-from cefmp4.events import PartUploaded
-from cefmp4.localservers import RedisServer, SeaweedS3, make_s3_client
+from cefmp4.dev.localservers import RedisServer, SeaweedS3, make_s3_client
+from cefmp4.domain.events import PartUploaded
 from tests.bench.common import (
     BenchError,
     MiB,

@@ -36,7 +36,14 @@ from typing import Any, NamedTuple
 import redis
 from botocore.exceptions import ClientError
 
-from cefmp4.events import (
+from cefmp4.dev.localservers import (
+    JuiceFSGateway,
+    RedisServer,
+    S3Endpoint,
+    SeaweedS3,
+    make_s3_client,
+)
+from cefmp4.domain.events import (
     Event,
     FileSeen,
     MetadataWritten,
@@ -45,7 +52,6 @@ from cefmp4.events import (
     StreamFailed,
     StreamIdle,
 )
-from cefmp4.localservers import JuiceFSGateway, RedisServer, S3Endpoint, SeaweedS3, make_s3_client
 from tests.bench.common import (
     BenchError,
     MiB,

@@ -13,7 +13,7 @@ pipelines of 10k XADDs.
 
 Figures (median of ``--repeat`` runs, the samples are in the JSON):
 
-* ``decode``: ``cefmp4.events.decode`` of every entry's fields, in memory;
+* ``decode``: ``cefmp4.domain.events.decode`` of every entry's fields, in memory;
 * ``fold``: ``projections.streams.replay`` of the decoded entries, in memory;
 * ``xread``: reading the whole log in pages of ``--batch`` with redis-py
   (transport and RESP parsing, no decoding; one run). Without ``hiredis``
@@ -56,8 +56,9 @@ import msgspec
 import redis
 import redis.asyncio as aioredis
 
-from cefmp4.eventlog import EventLog
-from cefmp4.events import (
+from cefmp4.adapters.eventlog import EventLog
+from cefmp4.dev.localservers import RedisServer
+from cefmp4.domain.events import (
     BytesAvailable,
     Event,
     FileDeleted,
@@ -71,7 +72,6 @@ from cefmp4.events import (
     decode,
     encode,
 )
-from cefmp4.localservers import RedisServer
 from projections.live import LiveProjection
 from projections.snapshots import SnapshotStore, encode_snapshot
 from projections.streams import Projection, replay

@@ -9,7 +9,7 @@ against it (throwaway Redis with AOF + SeaweedFS):
 2. **History**: ``--recordings`` finished recordings' events (FileSeen,
    StreamIdle, StreamCompleted, MetadataWritten, and FileDeleted for those no
    longer on disk) are written through the documented wire format
-   (``cefmp4.events.encode``, XADD with ids days in the past, as a long-running
+   (``cefmp4.domain.events.encode``, XADD with ids days in the past, as a long-running
    deployment would have), and ``--files`` of them are small files still on
    disk, with the size, mtime and inode their events name. The consumer
    groups are created at the end of the history: that work was done long ago.
@@ -49,9 +49,10 @@ from typing import Any
 
 import redis
 
-from cefmp4.archive import EventArchive
-from cefmp4.config import Config
-from cefmp4.events import (
+from cefmp4.adapters.archive import EventArchive
+from cefmp4.dev.localservers import RedisServer, SeaweedS3, make_s3_client
+from cefmp4.domain.config import Config
+from cefmp4.domain.events import (
     Event,
     FileDeleted,
     FileSeen,
@@ -60,8 +61,7 @@ from cefmp4.events import (
     StreamIdle,
     encode,
 )
-from cefmp4.localservers import RedisServer, SeaweedS3, make_s3_client
-from cefmp4.service import connect
+from cefmp4.runtime.service import connect
 from projections.snapshots import decode_snapshot, snapshot_key
 from projections.streams import Projection
 from tests import mp4gen

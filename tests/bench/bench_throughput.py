@@ -45,7 +45,8 @@ from typing import Any, BinaryIO
 import redis
 from botocore.exceptions import ClientError
 
-from cefmp4.events import (
+from cefmp4.dev.localservers import JuiceFSGateway, RedisServer, S3Endpoint, make_s3_client
+from cefmp4.domain.events import (
     FileSeen,
     MetadataWritten,
     PartUploaded,
@@ -53,9 +54,8 @@ from cefmp4.events import (
     StreamFailed,
     StreamIdle,
 )
-from cefmp4.localservers import JuiceFSGateway, RedisServer, S3Endpoint, make_s3_client
-from cefmp4.mp4 import check_file, iter_top_level_boxes
-from cefmp4.partplan import final_parts, whole_parts
+from cefmp4.domain.mp4 import check_file, iter_top_level_boxes
+from cefmp4.domain.partplan import final_parts, whole_parts
 from tests.bench.common import (
     PYTHON,
     RESULTS_DIR,

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from cefmp4.events import Event, decode
+from cefmp4.domain.events import Event, decode
 
 MiB = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,413 @@
+"""S3 (and S3-compatible) implementation of :class:`cefmp4.adapters.storage.ObjectStore`.
+
+Design notes
+------------
+* One aiobotocore client per process, injected; the pool is sized for the
+  parts that may be in flight at once.
+* Integrity: every part carries ``Content-MD5``, so the server rejects bytes
+  that were damaged in transit, and the returned ETag (= MD5 for unencrypted
+  parts) doubles as the checksum a reconcile compares against the file. That
+  makes botocore's extra work redundant: SigV4 payload hashing is off where the
+  protocol allows it (HTTPS; botocore always hashes over plain HTTP) and the
+  default CRC32 flexible checksum is only sent when an operation requires it.
+  (``task bench`` measures what is left.)
+* Part bodies are handed over as a seekable file over the part's bytes
+  (``PartBody``), so no layer makes a second full copy of a part in flight.
+* botocore's own retries are off; transient failures are retried here with
+  the project's policy, around a per-request timeout so a stalled connection
+  cannot hang a stream. The timeout of a request with a body grows with the
+  body (``request_timeout``): a slow link is not a stalled one, and botocore's
+  ``read_timeout`` already catches a socket that makes no progress at all.
+* Every library exception is translated to the project's tree at this edge.
+  Credential, permission, clock and bucket errors are ``DeploymentBlocked``:
+  with a :class:`~cefmp4.adapters.blocked.Blocked` the call waits, in place, until S3
+  accepts again (a missing bucket is created again first); without one (the
+  ``gc`` command, contract tests) the error surfaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import io
+from collections.abc import Awaitable, Callable
+from datetime import UTC
+from typing import Any, TypeVar
+
+import aiohttp
+import botocore.exceptions as bexc
+from botocore.config import Config as BotoConfig
+
+from cefmp4.adapters.blocked import Blocked
+from cefmp4.adapters.retry import transient
+from cefmp4.adapters.storage import ObjectInfo, RemotePart, RemoteUpload
+from cefmp4.domain.errors import (
+    BlockCause,
+    CefError,
+    DeploymentBlocked,
+    NoSuchKey,
+    NoSuchUpload,
+    PermanentError,
+    TransientError,
+)
+
+T = TypeVar("T")
+
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "Throttling",
+        "ThrottlingException",
+        "OperationAborted",
+        "503",
+        "500",
+        "502",
+        "504",
+    }
+)
+
+
+# S3 answers these to every request of a deployment whose keys, policy, clock
+# or bucket are wrong: no recording is at fault, so none is failed for them.
+_BLOCKED_CODES: dict[str, BlockCause] = {
+    "InvalidAccessKeyId": "credentials",
+    "SignatureDoesNotMatch": "credentials",
+    "ExpiredToken": "credentials",
+    "InvalidToken": "credentials",
+    "TokenRefreshRequired": "credentials",
+    "AccessDenied": "permissions",
+    "AllAccessDisabled": "permissions",
+    "AccountProblem": "permissions",
+    "403": "permissions",  # a HEAD has no body, so no code: just the status
+    "RequestTimeTooSkewed": "clock_skew",
+    "NoSuchBucket": "no_bucket",
+}
+
+# A floor on the throughput we wait for: a request with a body gets
+# S3_TIMEOUT_SECONDS plus the time this rate needs for it (a 5 MiB part +20 s,
+# a 5 GiB part ~5.7 h). A slower link than this is treated as stalled.
+MIN_THROUGHPUT_BYTES_PER_SECOND = 256 * 1024
+
+
+def request_timeout(base: float, body_size: int) -> float:
+    """The asyncio timeout for one request carrying ``body_size`` bytes."""
+    return base + body_size / MIN_THROUGHPUT_BYTES_PER_SECOND
+
+
+def boto_config(*, pool: int, timeout: float) -> BotoConfig:
+    return BotoConfig(
+        signature_version="s3v4",
+        s3={"addressing_style": "path", "payload_signing_enabled": False},
+        # total_max_attempts: botocore's max_attempts counts *retries*.
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=min(timeout, 10.0),
+        read_timeout=timeout,
+        max_pool_connections=pool,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+
+
+def translate(exc: BaseException) -> Exception:
+    """Map a library exception to TransientError / DeploymentBlocked /
+    NoSuchUpload / NoSuchKey / PermanentError (the S3 code stays in the message)."""
+    if isinstance(exc, bexc.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = f"s3 {code or status}: {error.get('Message', exc)}"
+        if code == "NoSuchUpload":
+            return NoSuchUpload(message)
+        if code == "NoSuchKey":
+            return NoSuchKey(message)
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return TransientError(message)
+        cause = _BLOCKED_CODES.get(code) or ("permissions" if not code and status == 403 else None)
+        if cause is not None:
+            return DeploymentBlocked(message, cause=cause)
+        if code == "InvalidPart":
+            return PermanentError(message, reason="s3_invalid_part")
+        return PermanentError(message, reason="s3_rejected")
+    if isinstance(exc, bexc.NoCredentialsError | bexc.PartialCredentialsError):
+        return DeploymentBlocked(f"s3 credentials: {exc}", cause="credentials")
+    if isinstance(
+        exc,
+        bexc.HTTPClientError
+        | bexc.ConnectionError
+        | aiohttp.ClientError
+        | TimeoutError
+        | ConnectionError,
+    ):
+        return TransientError(f"s3 connection: {type(exc).__name__}: {exc}")
+    if isinstance(exc, bexc.BotoCoreError):
+        return PermanentError(f"s3 client: {exc}", reason="s3_client_error")
+    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+
+class PartBody(io.RawIOBase):
+    """A read-only, seekable file over a part's bytes, without copying them.
+
+    botocore wraps a ``bytes`` body in ``io.BytesIO`` and aiohttp then asks the
+    BytesIO for ``getbuffer()``, which un-shares it: a full second copy of
+    every part in flight (a quarter of the benchmark's peak RSS). Any other
+    file-like is streamed in 64 KiB reads instead.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        buffer[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+
+def _etag(value: str) -> str:
+    return value.strip('"')
+
+
+class S3Store:
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        *,
+        timeout: float,
+        attempts: int = 8,
+        list_page_size: int = 1000,
+        blocked: Blocked | None = None,
+    ) -> None:
+        self._s3 = client
+        self.bucket = bucket
+        self._timeout = timeout
+        self._attempts = attempts
+        self._list_page_size = list_page_size  # S3's maximum; smaller only in tests
+        self._blocked = blocked
+
+    def waiting_while_blocked(self, blocked: Blocked) -> S3Store:
+        """This store (same client), whose calls wait out ``DeploymentBlocked``."""
+        other = copy.copy(self)
+        other._blocked = blocked
+        return other
+
+    async def _call(self, op: Callable[[], Awaitable[T]], *, body_size: int = 0) -> T:
+        async def attempts() -> T:
+            return await self._attempts_of(op, request_timeout(self._timeout, body_size))
+
+        if self._blocked is None:
+            return await attempts()
+        return await self._blocked.through(attempts, repair=self._repair)
+
+    async def _attempts_of(self, op: Callable[[], Awaitable[T]], seconds: float) -> T:
+        """``op`` under the transient retry policy, each try limited to ``seconds``."""
+        async for attempt in transient(attempts=self._attempts):
+            with attempt:
+                try:
+                    async with asyncio.timeout(seconds):
+                        return await op()
+                except (bexc.BotoCoreError, bexc.ClientError, aiohttp.ClientError, OSError) as exc:
+                    raise translate(exc) from exc
+                except TimeoutError as exc:
+                    raise TransientError(f"s3 request timed out after {seconds:.0f}s") from exc
+        raise AssertionError("unreachable: tenacity reraises")
+
+    async def _repair(self, cause: BlockCause) -> None:
+        """A missing bucket is created again (someone deleted it, or it was never
+        made); whether that worked, the blocked call's next try tells."""
+        if cause == "no_bucket":
+            with contextlib.suppress(CefError):
+                await self._attempts_of(self._ensure_bucket, self._timeout)
+
+    async def ensure_bucket(self) -> None:
+        await self._call(self._ensure_bucket)
+
+    async def _ensure_bucket(self) -> None:
+        try:
+            await self._s3.head_bucket(Bucket=self.bucket)
+        except bexc.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+                raise
+            try:
+                await self._s3.create_bucket(Bucket=self.bucket)
+            except bexc.ClientError as create_exc:
+                code = create_exc.response.get("Error", {}).get("Code")
+                if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    async def create_multipart(self, key: str, content_type: str) -> str:
+        reply = await self._call(
+            lambda: self._s3.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ContentType=content_type
+            )
+        )
+        return str(reply["UploadId"])
+
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, body: bytes, md5_b64: str
+    ) -> str:
+        reply = await self._call(
+            lambda: self._s3.upload_part(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=PartBody(body),  # a fresh one per attempt: it is consumed
+                ContentMD5=md5_b64,
+            ),
+            body_size=len(body),
+        )
+        return _etag(reply["ETag"])
+
+    async def upload_part_copy(
+        self, key: str, upload_id: str, number: int, source_key: str, offset: int, size: int
+    ) -> str:
+        if size < 1:
+            raise ValueError(f"cannot copy an empty range into part {number}")
+        reply = await self._call(
+            lambda: self._s3.upload_part_copy(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": self.bucket, "Key": source_key},
+                CopySourceRange=f"bytes={offset}-{offset + size - 1}",  # inclusive end
+            )
+        )
+        return _etag(reply["CopyPartResult"]["ETag"])
+
+    async def list_parts(self, key: str, upload_id: str) -> list[RemotePart]:
+        parts: list[RemotePart] = []
+        marker = 0
+        while True:
+            reply = await self._call(
+                lambda m=marker: self._s3.list_parts(  # type: ignore[misc]
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumberMarker=m
+                )
+            )
+            parts += [
+                RemotePart(int(p["PartNumber"]), int(p["Size"]), _etag(p["ETag"]))
+                for p in reply.get("Parts", [])
+            ]
+            if not reply.get("IsTruncated"):
+                return parts
+            marker = int(reply["NextPartNumberMarker"])
+
+    async def list_uploads(self, prefix: str) -> list[RemoteUpload]:
+        uploads: list[RemoteUpload] = []
+        key_marker, id_marker = "", ""
+        while True:
+            kwargs: dict[str, str] = {"Bucket": self.bucket, "Prefix": prefix}
+            if key_marker:
+                kwargs |= {"KeyMarker": key_marker, "UploadIdMarker": id_marker}
+            reply = await self._call(lambda kw=kwargs: self._s3.list_multipart_uploads(**kw))  # type: ignore[misc]
+            uploads += [
+                RemoteUpload(u["Key"], u["UploadId"], u["Initiated"].astimezone(UTC))
+                for u in reply.get("Uploads", [])
+            ]
+            if not reply.get("IsTruncated"):
+                return uploads
+            key_marker = reply.get("NextKeyMarker", "")
+            id_marker = reply.get("NextUploadIdMarker", "")
+            if not key_marker:
+                return uploads
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> str:
+        layout = {"Parts": [{"PartNumber": n, "ETag": f'"{etag}"'} for n, etag in parts]}
+        reply = await self._call(
+            lambda: self._s3.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload=layout
+            )
+        )
+        return _etag(reply["ETag"])
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        await self._call(
+            lambda: self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        )
+
+    async def put_object(self, key: str, body: bytes, md5_b64: str, content_type: str) -> str:
+        reply = await self._call(
+            lambda: self._s3.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentMD5=md5_b64, ContentType=content_type
+            ),
+            body_size=len(body),
+        )
+        return _etag(reply["ETag"])
+
+    async def head_object(self, key: str) -> ObjectInfo | None:
+        async def op() -> ObjectInfo | None:
+            try:
+                reply = await self._s3.head_object(Bucket=self.bucket, Key=key)
+            except bexc.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            return ObjectInfo(int(reply["ContentLength"]), _etag(reply["ETag"]))
+
+        return await self._call(op)
+
+    async def list_keys(self, prefix: str, start_after: str = "") -> list[str]:
+        """ListObjectsV2 page after page; each page starts after the last key of
+        the one before (``StartAfter``, not the continuation token, so one
+        mechanism serves the caller's ``start_after`` and the pagination, and a
+        retried page is the same request)."""
+        keys: list[str] = []
+        after = start_after
+        while True:
+            kwargs: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Prefix": prefix,
+                "MaxKeys": self._list_page_size,
+            }
+            if after:
+                kwargs["StartAfter"] = after
+            reply = await self._call(lambda kw=kwargs: self._s3.list_objects_v2(**kw))  # type: ignore[misc]
+            page = [str(item["Key"]) for item in reply.get("Contents", [])]
+            keys += page
+            if not page or not reply.get("IsTruncated"):
+                return keys
+            after = page[-1]
+
+    async def get_object(self, key: str) -> bytes | None:
+        """GetObject, the body read inside the same timeout and retry (a body
+        cut off mid-read is retried as a whole)."""
+
+        async def op() -> bytes | None:
+            try:
+                reply = await self._s3.get_object(Bucket=self.bucket, Key=key)
+            except bexc.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            async with reply["Body"] as stream:
+                body: bytes = await stream.read()
+            return body
+
+        return await self._call(op)

@@ -1,0 +1,160 @@
+"""What the watcher concludes from one look at one path: a pure function.
+
+Inputs are the file's current stat, what the projection knows of the path
+(its newest open stream, or the record of its finished recording), how long
+the file has been quiet (as seen by this watcher), the MP4 verdict if it was
+computed, and which (size, mtime) this process already
+reported idle. The output is a list of actions the watcher turns into events.
+Keeping this pure makes the rules testable exhaustively, and keeps the watcher
+level-triggered: it never needs to remember what it emitted before a restart,
+because the projection says it.
+
+Rules, in order:
+* gone from disk -> ``Gone`` for a live stream, ``Forget`` for the record of a
+  finished one (so the projection drops it: state follows the disk);
+* no stream, or new content where a finished one was, or a retry asked for a
+  failed one -> ``Seen`` (a completed object is never overwritten: changed
+  content after completion is a new recording with a new key). When the file
+  of a completed object grew under the same inode (the recorder paused past
+  the timeout and went on), the ``Seen`` carries what it continues, so the
+  unchanged parts are copied from the first object instead of sent again;
+* shrank or replaced (new inode) while live -> ``Truncated`` + ``Seen``;
+* grew or patched -> ``Grew``, coalesced: at once when a new whole part
+  exists, otherwise when the file pauses;
+* quiet for ``settle`` and structurally complete, or quiet for ``timeout``
+  whatever the content -> ``Idle`` (once per (size, mtime) per process).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from cefmp4.domain.events import Continues
+from cefmp4.domain.filerules import FileStat
+from cefmp4.domain.mp4 import Mp4Status, Mp4Verdict
+from cefmp4.domain.partplan import whole_part_count
+from projections.streams import FileRecord, StreamState, record_of
+
+
+class Seen(msgspec.Struct, frozen=True):
+    """A new stream; ``continues`` when its file extends a completed object."""
+
+    continues: Continues | None = None
+
+
+class Grew(msgspec.Struct, frozen=True):
+    pass
+
+
+class Gone(msgspec.Struct, frozen=True):
+    pass
+
+
+class Truncated(msgspec.Struct, frozen=True):
+    pass
+
+
+class Forget(msgspec.Struct, frozen=True):
+    """A finished recording's file left the disk: drop its record."""
+
+
+class CheckMp4(msgspec.Struct, frozen=True):
+    """Ask the caller to walk the MP4 boxes and decide again with the verdict."""
+
+
+class Idle(msgspec.Struct, frozen=True):
+    reason: Literal["settled", "timeout"]
+
+
+Action = Seen | Grew | Gone | Truncated | Forget | CheckMp4 | Idle
+
+
+class Timing(msgspec.Struct, frozen=True):
+    settle: float
+    timeout: float
+    # Coalescing of BytesAvailable while a file grows: report at once when a
+    # new whole part exists (the uploader has work), otherwise only once the
+    # file paused for `coalesce` seconds. chunk=0 reports every change.
+    chunk: int = 0
+    coalesce: float = 0.0
+
+
+def decide(
+    current: FileStat | None,
+    stream: StreamState | FileRecord | None,
+    *,
+    quiet_for: float,
+    verdict: Mp4Verdict | None,
+    idle_sent: tuple[int, int] | None,
+    timing: Timing,
+) -> list[Action]:
+    if isinstance(stream, StreamState) and stream.terminal:
+        # A terminal stream speaks for its file the way its record does.
+        stream = None if stream.gone == "deleted" else record_of(stream)
+    if isinstance(stream, FileRecord):
+        return _decide_finished(current, stream)
+    if current is None:
+        if stream is not None and stream.gone is None:
+            return [Gone()]
+        return []
+    if stream is None:
+        return [Seen()]
+    if stream.gone is not None:
+        return []  # the uploader is ending it; a new stream follows once it is terminal
+    if current.inode != stream.inode or current.size < stream.size:
+        return [Truncated(), Seen()]
+    if (current.size, current.mtime_ns) != (stream.size, stream.mtime_ns):
+        if timing.chunk == 0 or quiet_for >= timing.coalesce:
+            return [Grew()]
+        new_part = whole_part_count(current.size, timing.chunk) > whole_part_count(
+            stream.size, timing.chunk
+        )
+        return [Grew()] if new_part else []
+    if idle_sent == (current.size, current.mtime_ns):
+        return []
+    if quiet_for >= timing.timeout:
+        return [CheckMp4()] if verdict is None else [Idle("timeout")]
+    if quiet_for >= timing.settle:
+        if verdict is None:
+            return [CheckMp4()]
+        if verdict.status is Mp4Status.COMPLETE:
+            return [Idle("settled")]
+    return []
+
+
+def settled_file(record: FileRecord, current: FileStat) -> bool:
+    """The finished recording's file is as recorded and no retry was asked:
+    nothing to do. The common case of a rescan (every finished file still on
+    disk), so the watcher asks it before anything else."""
+    if record.retry and record.status == "failed":
+        return False
+    return (current.size, current.mtime_ns, current.inode) == (
+        record.size,
+        record.mtime_ns,
+        record.inode,
+    )
+
+
+def _decide_finished(current: FileStat | None, record: FileRecord) -> list[Action]:
+    if current is None:
+        return [Forget()]
+    if settled_file(record, current):
+        return []
+    if record.retry and record.status == "failed":
+        return [Seen()]
+    return [Seen(_continuation(current, record))]
+
+
+def _continuation(current: FileStat, record: FileRecord) -> Continues | None:
+    """A completed object's file that grew in place is continued, not replaced.
+
+    Only growth of the same inode: a shrunk or replaced file is other content,
+    and a same-size patch is a rewrite. Which parts are really unchanged is
+    proven part by part later (MD5 of the local bytes against the record), so
+    this only says where to look.
+    """
+    if record.status != "completed" or current.inode != record.inode:
+        return None
+    return record.continues() if current.size > record.size else None

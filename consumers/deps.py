@@ -1,0 +1,41 @@
+"""What every worker is handed: config, adapters, clock, metrics. Built once in
+``cefmp4.runtime.service`` and passed in, so tests can inject their own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cefmp4.adapters.eventlog import EventLog
+from cefmp4.adapters.leases import Fence, StreamGuard
+from cefmp4.adapters.metrics import Metrics
+from cefmp4.adapters.storage import ObjectStore
+from cefmp4.domain.config import Config
+from cefmp4.domain.events import Event
+from projections.live import LiveProjection
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Deps:
+    config: Config
+    events: EventLog
+    projection: LiveProjection
+    store: ObjectStore
+    locks: StreamGuard
+    metrics: Metrics
+    now: Callable[[], datetime] = utcnow
+
+    async def emit(self, event: Event, fence: Fence | None = None) -> str:
+        """Append ``event``; through ``fence`` when it is about a stream this
+        process holds, so a replica that lost the lease cannot record it."""
+        if fence is None:
+            entry_id = await self.events.append(event)
+        else:
+            entry_id = await fence.append(event, self.events.replica)
+        self.metrics.events.labels(type(event).__name__).inc()
+        return entry_id

@@ -3,12 +3,17 @@
 On ``StreamIdle`` the file is compared with the moment the watcher called it
 idle; if it changed since, nothing happens (the watcher has reported the
 change and will call it idle again). Otherwise every part is read once more,
-in order: its MD5 is compared with the recorded one, so bytes the recorder
-patched after they were sent (the ``mdat`` size at offset ~40, a rewritten
-``moov``, a faststart shift of the whole file) are sent again under the same
-part number, and the SHA-256 of the whole file is computed on the way. The
-tail goes up as the last part, the file is checked once more to be unchanged,
-the upload is completed and the object's size verified with HEAD. Only then is
+in order: its checksum (the recorded CRC, or MD5 for parts that have none) is
+compared with the recorded one, so bytes the recorder patched after they were
+sent (the ``mdat`` size at offset ~40, a rewritten ``moov``, a faststart shift
+of the whole file) are sent again under the same part number. A part read
+while the file was quiet and already as it is now (``PartUploaded.file_size``
+and ``file_mtime_ns`` equal the idle stat) cannot have changed and is not read
+again. With ``SIDECAR_SHA256`` every byte is read and the SHA-256 of the whole
+file computed on the way. The tail goes up as the last part, the file is
+checked once more to be unchanged, the upload is completed - with a CRC, the
+store verifies the FULL_OBJECT checksum combined from the part CRCs - and the
+object's size (and checksum, where HEAD reports one) verified. Only then is
 ``StreamCompleted`` written.
 
 Idempotence: a completion that already happened (crash before the event) is
@@ -24,8 +29,8 @@ import time
 
 import structlog
 
-from cefmp4.adapters import files
-from cefmp4.adapters.checksums import md5_of, multipart_etag
+from cefmp4.adapters import checksums, files
+from cefmp4.adapters.checksums import Bytes, multipart_etag
 from cefmp4.adapters.leases import Fence
 from cefmp4.domain.errors import NoSuchUpload, PermanentError, StreamEnded
 from cefmp4.domain.events import Event, StreamCompleted, StreamIdle
@@ -34,6 +39,8 @@ from cefmp4.domain.partplan import Span, final_parts, fits_single_put
 from consumers.deps import Deps
 from consumers.uploads import (
     CONTENT_TYPE,
+    Chunk,
+    Sent,
     Uploads,
     check_size,
     first_failure,
@@ -46,6 +53,24 @@ log = structlog.get_logger(__name__)
 
 class FileMoved(Exception):
     """The file changed during finalization; wait for the next StreamIdle."""
+
+
+def _sha256(data: Bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_since(part: Part, idle: StreamIdle) -> bool:
+    """The part was read while the file was quiet and already had the size
+    and mtime it has now (idle, and ``_unchanged`` since): nothing wrote to
+    the file after the read, so the bytes sent are the file's."""
+    return part.file_size == idle.size and part.file_mtime_ns == idle.mtime_ns
+
+
+def same_bytes(known: Part, chunk: Chunk) -> bool:
+    """Like with like: the recorded CRC when the part has one, else its MD5."""
+    if checksums.untag(known.checksum) is not None:
+        return chunk.checksum == known.checksum
+    return bool(known.md5) and chunk.md5_hex == known.md5
 
 
 class Finalizer:
@@ -91,16 +116,21 @@ class Finalizer:
             raise StreamEnded("empty", "the file stayed empty until the idle timeout")
         check_size(current.size, chunk)
         if s.upload_id is None and fits_single_put(current.size, chunk):
-            etag, sha256 = await self._put_small(s, idle)
+            etag, sha256, checksum = await self._put_small(s, idle)
             parts = 0
         else:
-            etag, sha256, parts = await self._complete_multipart(
+            etag, sha256, parts, checksum = await self._complete_multipart(
                 s, idle, final_parts(current.size, chunk), fence
             )
         info = await self._deps.store.head_object(s.key)
         if info is None or info.size != current.size:
             raise PermanentError(
                 f"object {s.key} has size {info and info.size}, file has {current.size}",
+                reason="verify_failed",
+            )
+        if checksum and info.checksum and info.checksum != checksum:
+            raise PermanentError(
+                f"object {s.key} has checksum {info.checksum}, the file {checksum}",
                 reason="verify_failed",
             )
         completed_at = self._deps.now()
@@ -132,31 +162,48 @@ class Finalizer:
             mp4=idle.mp4,
         )
 
-    async def _put_small(self, s: StreamState, idle: StreamIdle) -> tuple[str, str]:
-        data = await asyncio.to_thread(files.read_range, s.path, 0, idle.size)
-        sha256 = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
-        _, md5_b64 = await asyncio.to_thread(md5_of, data)
-        self._unchanged(s, idle)
-        etag = await self._deps.store.put_object(s.key, data, md5_b64, CONTENT_TYPE)
-        self._deps.metrics.uploaded("single", len(data), self._deps.now())
-        return etag, sha256
+    async def _put_small(self, s: StreamState, idle: StreamIdle) -> tuple[str, str, str]:
+        """PutObject with the same checksum a part would carry; (ETag,
+        SHA-256 or "", the tagged CRC or "")."""
+        algorithm = await self._uploads.algorithm()
+        chunk = await self._uploads.read(s, Span(1, 0, idle.size), algorithm)
+        try:
+            sha256 = ""
+            if self._deps.config.sidecar_sha256:
+                sha256 = await asyncio.to_thread(_sha256, chunk.data)
+            self._unchanged(s, idle)
+            md5_b64 = "" if chunk.checksum else chunk.md5_b64
+            etag = await self._deps.store.put_object(
+                s.key, chunk.data, md5_b64, CONTENT_TYPE, checksum=chunk.checksum
+            )
+        finally:
+            self._uploads.release(chunk)
+        self._deps.metrics.uploaded("single", idle.size, self._deps.now())
+        return etag, sha256, chunk.checksum
 
     async def _complete_multipart(
         self, s: StreamState, idle: StreamIdle, spans: list[Span], fence: Fence
-    ) -> tuple[str, str, int]:
+    ) -> tuple[str, str, int, str]:
+        """(ETag, SHA-256 or "", parts, the object's tagged CRC or "")."""
         upload_id = await self._uploads.ensure_upload(s, fence)
         for attempt in (1, 2):
             try:
                 parts = await self._uploads.reconcile(s, upload_id, idle.size, fence)
-                etags, sha256 = await self._verify_and_send(s, upload_id, spans, parts, fence)
+                sent, sha256 = await self._verify_and_send(s, upload_id, spans, parts, idle, fence)
             except NoSuchUpload:
                 upload_id = await self._uploads.restart_upload(s, fence)
-                etags, sha256 = await self._verify_and_send(s, upload_id, spans, {}, fence)
+                sent, sha256 = await self._verify_and_send(s, upload_id, spans, {}, idle, fence)
             self._unchanged(s, idle)
-            layout = [(sp.number, etags[sp.number]) for sp in spans]
+            layout = [(sp.number, sent[sp.number].etag) for sp in spans]
+            # The server checks the object against the combination of the part
+            # CRCs: no byte is read for it, and a part it holds other than we
+            # think fails the completion instead of making a wrong object.
+            checksum = checksums.combine_tagged((sent[sp.number].checksum, sp.size) for sp in spans)
+            part_sums = {sp.number: sent[sp.number].checksum for sp in spans} if checksum else None
             await fence.lease.check()  # a replica that lost the stream must not complete it
             try:
-                return await self._complete(s, upload_id, layout), sha256, len(spans)
+                etag = await self._complete(s, upload_id, layout, part_sums, checksum or "")
+                return etag, sha256, len(spans), checksum or ""
             except PermanentError as exc:
                 if exc.reason != "s3_invalid_part" or attempt == 2:
                     raise
@@ -167,9 +214,18 @@ class Finalizer:
                 s = (await self._deps.projection.catch_up()).streams[s.stream_id]
         raise AssertionError("unreachable")
 
-    async def _complete(self, s: StreamState, upload_id: str, layout: list[tuple[int, str]]) -> str:
+    async def _complete(
+        self,
+        s: StreamState,
+        upload_id: str,
+        layout: list[tuple[int, str]],
+        part_checksums: dict[int, str] | None,
+        checksum: str,
+    ) -> str:
         try:
-            return await self._deps.store.complete_multipart(s.key, upload_id, layout)
+            return await self._deps.store.complete_multipart(
+                s.key, upload_id, layout, part_checksums=part_checksums, checksum=checksum
+            )
         except NoSuchUpload:
             # Completed before a crash swallowed our StreamCompleted? Then the
             # object is there with the multipart ETag of exactly these parts.
@@ -187,56 +243,84 @@ class Finalizer:
         upload_id: str,
         spans: list[Span],
         parts: dict[int, Part],
+        idle: StreamIdle,
         fence: Fence,
-    ) -> tuple[dict[int, str], str]:
-        """Read every part once, in order: send the missing ones, compare the sent
-        ones with their recorded MD5 and send again those whose bytes changed.
+    ) -> tuple[dict[int, Sent], str]:
+        """Read every part that may have changed, in order: send the missing
+        ones, compare the sent ones with their recorded checksum and send again
+        those whose bytes changed. Returns what the store holds and the file's
+        SHA-256 ("" unless SIDECAR_SHA256).
 
-        The whole-file SHA-256 runs in its own thread one part behind the
-        per-part MD5 (hashlib releases the GIL), so the two cores hash at once.
+        With SIDECAR_SHA256 every part is read, and the hash runs in its own
+        thread one part behind the checksums (both release the GIL), so the
+        two cores hash at once; a chunk stays lent until both are done with it.
         """
-        whole = hashlib.sha256()
-        etags: dict[int, str] = {}
+        algorithm = await self._uploads.algorithm_of(s, upload_id)
+        whole = hashlib.sha256() if self._deps.config.sidecar_sha256 else None
+        sent: dict[int, Sent] = {}
         limit = asyncio.Semaphore(self._deps.config.part_concurrency)
         hashing: asyncio.Future[None] | None = None
-        with first_failure():
-            async with asyncio.TaskGroup() as group:
-                for span in spans:
-                    data = await asyncio.to_thread(files.read_range, s.path, span.offset, span.size)
+        hashed: Chunk | None = None
+        try:
+            with first_failure():
+                async with asyncio.TaskGroup() as group:
+                    for span in spans:
+                        known = parts.get(span.number)
+                        if not matches(known, span):
+                            known = None
+                        if known is not None and whole is None and read_since(known, idle):
+                            sent[span.number] = Sent(known.etag, known.checksum)
+                            continue
+                        md5 = s.continues is not None or (
+                            known is not None and checksums.untag(known.checksum) is None
+                        )
+                        chunk = await self._uploads.read(s, span, algorithm, md5=md5)
+                        try:
+                            if whole is not None:
+                                if hashing is not None and hashed is not None:
+                                    await hashing
+                                    self._uploads.release(hashed)
+                                    hashed = None
+                                chunk.users += 1
+                                hashed = chunk
+                                hashing = asyncio.ensure_future(
+                                    asyncio.to_thread(whole.update, chunk.data)
+                                )
+                            if known is not None:
+                                if same_bytes(known, chunk):
+                                    sent[span.number] = Sent(known.etag, known.checksum)
+                                    continue
+                                log.info(
+                                    "part changed after upload; sending again",
+                                    stream_id=s.stream_id,
+                                    part=span.number,
+                                )
+                            await limit.acquire()
+                            chunk.users += 1
+                            group.create_task(self._send(s, upload_id, chunk, sent, limit, fence))
+                        finally:
+                            self._uploads.release(chunk)
                     if hashing is not None:
                         await hashing
-                    hashing = asyncio.ensure_future(asyncio.to_thread(whole.update, data))
-                    known = parts.get(span.number)
-                    if matches(known, span):
-                        assert known is not None
-                        md5_hex, _ = await asyncio.to_thread(md5_of, data)
-                        if md5_hex == known.md5:
-                            etags[span.number] = known.etag
-                            continue
-                        log.info(
-                            "part changed after upload; sending again",
-                            stream_id=s.stream_id,
-                            part=span.number,
-                        )
-                    await limit.acquire()
-                    group.create_task(self._send(s, upload_id, span, data, etags, limit, fence))
-                if hashing is not None:
-                    await hashing
-        return etags, whole.hexdigest()
+        finally:
+            # A hash thread that may still read its buffer keeps it: not lent again.
+            if hashed is not None and (hashing is None or hashing.done()):
+                self._uploads.release(hashed)
+        return sent, "" if whole is None else whole.hexdigest()
 
     async def _send(
         self,
         s: StreamState,
         upload_id: str,
-        span: Span,
-        data: bytes,
-        etags: dict[int, str],
+        chunk: Chunk,
+        sent: dict[int, Sent],
         limit: asyncio.Semaphore,
         fence: Fence,
     ) -> None:
         try:
-            etags[span.number] = await self._uploads.send_bytes(
-                s, upload_id, span, data, "final", fence
+            sent[chunk.span.number] = await self._uploads.send_chunk(
+                s, upload_id, chunk, "final", fence
             )
         finally:
+            self._uploads.release(chunk)
             limit.release()

@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from cefmp4.adapters import checksums
 from cefmp4.domain.events import Continues, Event, MetadataWritten, StreamCompleted
 from cefmp4.domain.pathnames import to_fs
 from consumers.deps import Deps
@@ -165,12 +166,29 @@ def summarize(ffprobe_json: bytes) -> Probe:
     return Probe(duration, container, streams, error, streams_total=len(raw.streams))
 
 
+def checksum_field(tagged: str) -> dict[str, str] | None:
+    """The sidecar's ``checksum``: the object's full-object CRC as the store
+    reports it (HEAD, after the store verified it at upload), in S3's names
+    and encoding; None when the store reports none (md5/none mode)."""
+    found = checksums.untag(tagged)
+    if found is None:
+        return None
+    algorithm, value = found
+    return {"algorithm": checksums.S3_NAME[algorithm], "type": "FULL_OBJECT", "value": value}
+
+
 def sidecar(
-    s: StreamState, completed: StreamCompleted, probe: Probe, prefix: str, now: datetime
+    s: StreamState,
+    completed: StreamCompleted,
+    probe: Probe,
+    prefix: str,
+    now: datetime,
+    checksum: str = "",
 ) -> dict[str, Any]:
-    """Pure: the sidecar document (the seed's fields plus sha256, mp4 verdict,
-    codecs). At most MAX_CHUNKS_LISTED chunks, the first ones; ``chunks_total``
-    says how many the object has. ``encode_sidecar`` makes it fit the limit."""
+    """Pure: the sidecar document (the seed's fields plus the object's
+    checksum, sha256 when computed, mp4 verdict, codecs). At most
+    MAX_CHUNKS_LISTED chunks, the first ones; ``chunks_total`` says how many
+    the object has. ``encode_sidecar`` makes it fit the limit."""
     if completed.parts == 0:
         chunks = [
             {
@@ -201,7 +219,8 @@ def sidecar(
         "s3_key": completed.key,
         "total_size_bytes": completed.size,
         "etag": completed.etag,
-        "sha256": completed.sha256,
+        "sha256": completed.sha256 or None,  # "": SIDECAR_SHA256 was off
+        "checksum": checksum_field(checksum),
         "duration_seconds": probe.duration_seconds,
         "processed_at_utc": _iso(now),
         "stream_started_at_utc": _iso(s.started_at),
@@ -371,7 +390,11 @@ class MetadataWriter:
                 path=s.path,
                 error=probe.error,
             )
-        doc = sidecar(s, event, probe, self._deps.config.s3_key_prefix, self._deps.now())
+        # The object's checksum as the store holds it: what it verified, not
+        # what we meant to send.
+        info = await self._deps.store.head_object(event.key)
+        checksum = "" if info is None else info.checksum
+        doc = sidecar(s, event, probe, self._deps.config.s3_key_prefix, self._deps.now(), checksum)
         body = encode_sidecar(doc)
         md5_b64 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
         key = f"{event.key}.metadata.json"

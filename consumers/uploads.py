@@ -7,10 +7,14 @@ may be handled twice and a process may die between any two steps:
   in the log (crash after CreateMultipartUpload, before ``UploadStarted``)
   instead of creating a second one, and aborts any extra.
 * ``reconcile`` runs once per stream per process: parts the store has but the
-  log lacks are checked against the file (MD5 = ETag) and recorded, or left to
-  be sent again. The store is the truth; the log's parts are its cache.
-* ``send`` reads, hashes and uploads parts, ``PART_CONCURRENCY`` at a time per
-  stream; memory is bounded by the parts in flight. A part of a continuation
+  log lacks are checked against the file (the CRC the store lists, else MD5 =
+  ETag) and recorded, or left to be sent again. The store is the truth; the
+  log's parts are its cache.
+* ``send`` reads, checksums and uploads parts, ``PART_CONCURRENCY`` at a time
+  per stream, each read with ``preadv`` into a reused buffer (``read``);
+  memory is bounded by the parts in flight. The checksum is the one
+  ``S3_CHECKSUM`` resolves to (``algorithm``: probed once per process for
+  ``auto``), except that an upload keeps the kind its recorded parts have. A part of a continuation
   (``StreamState.continues``) whose bytes the continued object already holds
   at the same span is copied inside the store instead (``copy_unchanged``):
   read and hashed locally, never sent.
@@ -23,22 +27,91 @@ may be handled twice and a process may die between any two steps:
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 
+import msgspec
 import structlog
 
-from cefmp4.adapters import files
-from cefmp4.adapters.checksums import md5_of
+from cefmp4.adapters import checksums, files
+from cefmp4.adapters.checksums import Algorithm, Mode, md5_of
 from cefmp4.adapters.leases import Fence
+from cefmp4.adapters.storage import ObjectStore
 from cefmp4.domain.errors import NoSuchKey, NoSuchUpload, PermanentError, StreamEnded
 from cefmp4.domain.events import Continues, FailReason, PartUploaded, StreamFailed, UploadStarted
+from cefmp4.domain.filerules import FileStat
 from cefmp4.domain.partplan import Span, max_object_size, part_offset, part_size
 from consumers.deps import Deps
 from projections.streams import Part, StreamState
 
 log = structlog.get_logger(__name__)
 CONTENT_TYPE = "video/mp4"
+
+# A part read this long after the file's last change is recorded with the
+# file's stat (PartUploaded.file_size/file_mtime_ns): a later write would move
+# the mtime past it, whatever the file system's timestamp granularity (FAT's
+# is 2 s). Wall clock against the file's mtime: a file server whose clock is
+# behind by more than this could hide a write made just after the read.
+QUIET_NS = 3_000_000_000
+
+
+async def resolve_checksum(
+    store: ObjectStore, mode: Mode, scratch_prefix: str
+) -> tuple[Algorithm, list[str]]:
+    """The algorithm ``S3_CHECKSUM`` means against ``store``, and for ``auto``
+    why each CRC it tried was refused: a forced mode is taken as is (a store
+    that refuses it fails the uploads, loudly), ``auto`` takes the first CRC
+    the store verifies end to end, else MD5."""
+    if mode != "auto":
+        return mode, []
+    refused: list[str] = []
+    for crc in checksums.CRCS:
+        why = await store.probe_checksum(crc, f"{scratch_prefix}.cefmp4-probe-{uuid.uuid4().hex}")
+        if why is None:
+            return crc, refused
+        refused.append(f"{crc}: {why}")
+    return "md5", refused
+
+
+def upload_algorithm(parts: Iterable[Part], resolved: Algorithm) -> Algorithm:
+    """What the parts of an existing upload are sent with: the kind its
+    recorded parts have (S3 fixes it when the upload is created; parts from
+    before S3_CHECKSUM carry none, so MD5), else what the process resolved."""
+    for p in parts:
+        found = checksums.untag(p.checksum)
+        if found is not None:
+            return found[0]
+        return resolved if not checksums.is_crc(resolved) else "md5"
+    return resolved
+
+
+@dataclass
+class Chunk:
+    """A part's bytes in a lent buffer, with what reading them told."""
+
+    span: Span
+    buffer: bytearray
+    data: memoryview  # the span's bytes, the start of ``buffer``
+    checksum: str  # tagged CRC, "" unless one was asked for
+    md5_hex: str  # "" unless asked for
+    md5_b64: str
+    quiet: FileStat | None  # the stat after the read, if the file was quiet before
+    users: int = 1  # ``Uploads.release`` hands the buffer back when the last one is done
+
+
+def _read_and_digest(
+    path: str, inode: int, span: Span, buffer: bytearray, crc: checksums.Crc | None, md5: bool
+) -> Chunk:
+    started_ns = time.time_ns()
+    data = memoryview(buffer)[: span.size]
+    after = files.read_into(path, span.offset, data).after
+    checksum = "" if crc is None else checksums.checksum_of(crc, data)
+    md5_hex, md5_b64 = md5_of(data) if md5 else ("", "")
+    still = after.inode == inode and after.mtime_ns < started_ns - QUIET_NS
+    return Chunk(span, buffer, data, checksum, md5_hex, md5_b64, after if still else None)
 
 
 @contextmanager
@@ -81,11 +154,66 @@ def unchanged_in(continues: Continues | None, span: Span, md5_hex: str) -> bool:
     return same_span and continues.part_md5s[span.number - 1] == md5_hex
 
 
+class Sent(msgspec.Struct, frozen=True):
+    """A part as the store now holds it: completion names it by these."""
+
+    etag: str
+    checksum: str = ""  # tagged CRC, "" in md5/none mode
+
+
 class Uploads:
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
         self._reconciled: set[tuple[str, str]] = set()
         self._streams = asyncio.Semaphore(deps.config.max_concurrent_streams)
+        config = deps.config
+        # Idle buffers kept: one per part that may be in flight, plus the one
+        # a finalizer reads ahead with.
+        self.buffers = files.Buffers(config.max_concurrent_streams * (config.part_concurrency + 1))
+        self._algorithm: Algorithm | None = None
+        self._resolving = asyncio.Lock()
+
+    async def algorithm(self) -> Algorithm:
+        """``S3_CHECKSUM`` resolved against the store, once per process."""
+        async with self._resolving:
+            if self._algorithm is None:
+                config = self._deps.config
+                chosen, refused = await resolve_checksum(
+                    self._deps.store, config.s3_checksum, config.s3_key_prefix
+                )
+                log.info("checksum", mode=config.s3_checksum, algorithm=chosen, refused=refused)
+                self._algorithm = chosen
+            return self._algorithm
+
+    async def algorithm_of(self, s: StreamState, upload_id: str) -> Algorithm:
+        """The checksum kind of ``upload_id``'s parts (``upload_algorithm``);
+        an upload the state does not know yet was created just now, with the
+        resolved one."""
+        resolved = await self.algorithm()
+        parts = s.parts.values() if upload_id == s.upload_id else ()
+        return upload_algorithm(parts, resolved)
+
+    async def read(
+        self, s: StreamState, span: Span, algorithm: Algorithm, *, md5: bool = False
+    ) -> Chunk:
+        """Read ``span`` into a lent buffer, with the digests ``algorithm``
+        needs (and the MD5 if ``md5``); hand it back with ``release``."""
+        buffer = self.buffers.take(span.size)
+        crc = checksums.as_crc(algorithm)
+        try:
+            return await asyncio.to_thread(
+                _read_and_digest, s.path, s.inode, span, buffer, crc, md5 or algorithm == "md5"
+            )
+        except BaseException:
+            self.buffers.give(buffer)
+            raise
+
+    def release(self, chunk: Chunk) -> None:
+        """One user is done with ``chunk``; after the last nothing may use
+        ``chunk.data``, its buffer is lent again."""
+        chunk.users -= 1
+        if chunk.users == 0:
+            self.buffers.give(chunk.buffer)
 
     @property
     def stream_slots(self) -> asyncio.Semaphore:
@@ -133,7 +261,10 @@ class Uploads:
         that lost the stream (paused past its TTL) would otherwise open an
         upload that nobody records, which stays open until gc."""
         await fence.lease.check()
-        upload_id = await self._deps.store.create_multipart(s.key, CONTENT_TYPE)
+        algorithm = await self.algorithm()
+        upload_id = await self._deps.store.create_multipart(
+            s.key, CONTENT_TYPE, checksum=checksums.as_crc(algorithm)
+        )
         for other in await self._deps.store.list_uploads(s.key):
             if other.key == s.key and other.upload_id != upload_id:
                 await self._abort_quietly(s.key, other.upload_id, fence)
@@ -159,6 +290,7 @@ class Uploads:
         remote = await self._deps.store.list_parts(s.key, upload_id)
         in_store = {rp.number for rp in remote}
         parts = {n: p for n, p in s.parts.items() if n in in_store}
+        algorithm = await self.algorithm_of(s, upload_id)
         for rp in remote:
             known = parts.get(rp.number)
             if known is not None and known.etag == rp.etag:
@@ -168,13 +300,28 @@ class Uploads:
             offset = self._offset_of(rp.number)
             if offset + rp.size > file_size:
                 continue
-            data = await asyncio.to_thread(files.read_range, s.path, offset, rp.size)
-            md5_hex, _ = await asyncio.to_thread(md5_of, data)
-            if md5_hex != rp.etag:
-                continue  # stale bytes in the store: this part will be sent again
             span = Span(rp.number, offset, rp.size)
-            event = await self._record_part(s, upload_id, span, rp.etag, md5_hex, fence)
-            parts[rp.number] = Part(rp.number, offset, rp.size, rp.etag, md5_hex, event.at)
+            # Like with like: the store's CRC if it lists one, else its MD5 ETag.
+            listed = checksums.untag(rp.checksum)
+            chunk = await self.read(s, span, algorithm, md5=listed is None)
+            try:
+                same = (
+                    chunk.checksum == rp.checksum if listed is not None
+                    else chunk.md5_hex == rp.etag
+                )  # fmt: skip
+                if not same:
+                    continue  # stale bytes in the store: this part will be sent again
+                md5_hex = chunk.md5_hex or self._md5_from(rp.etag)
+                event = await self._record_part(
+                    s, upload_id, span, rp.etag, md5_hex, fence, checksum=chunk.checksum,
+                    quiet=chunk.quiet,
+                )  # fmt: skip
+            finally:
+                self.release(chunk)
+            parts[rp.number] = Part(
+                rp.number, offset, rp.size, rp.etag, md5_hex, event.at, checksum=event.checksum,
+                file_size=event.file_size, file_mtime_ns=event.file_mtime_ns,
+            )  # fmt: skip
             log.info("adopted part found in store", stream_id=s.stream_id, part=rp.number)
         self._reconciled.add((s.stream_id, upload_id))
         return parts
@@ -186,6 +333,11 @@ class Uploads:
     def _offset_of(self, number: int) -> int:
         return part_offset(number, self._deps.config.chunk_size_bytes)
 
+    @staticmethod
+    def _md5_from(etag: str) -> str:
+        """The part MD5 the store's ETag states ("" when it is not one)."""
+        return etag if checksums.looks_like_md5(etag) else ""
+
     async def send(
         self,
         s: StreamState,
@@ -195,39 +347,59 @@ class Uploads:
         fence: Fence,
         *,
         give_way: Callable[[], Awaitable[bool]] | None = None,
-    ) -> dict[int, str]:
-        """Upload ``spans`` concurrently; returns part number -> ETag of those sent.
+    ) -> dict[int, Sent]:
+        """Upload ``spans`` concurrently; returns part number -> what was sent.
 
         ``give_way`` is asked before each part; once it says yes the remaining
         parts are left (to the finalizer, which reads each byte only once).
         """
         limit = asyncio.Semaphore(self._deps.config.part_concurrency)
-        etags: dict[int, str] = {}
+        sent: dict[int, Sent] = {}
+        algorithm = await self.algorithm_of(s, upload_id)
 
         async def one(span: Span) -> None:
             async with limit:
                 if give_way is not None and await give_way():
                     return
-                data = await asyncio.to_thread(files.read_range, s.path, span.offset, span.size)
-                etags[span.number] = await self.send_bytes(s, upload_id, span, data, why, fence)
+                chunk = await self.read(s, span, algorithm, md5=s.continues is not None)
+                try:
+                    sent[span.number] = await self.send_chunk(s, upload_id, chunk, why, fence)
+                finally:
+                    self.release(chunk)
 
         with first_failure():
             async with asyncio.TaskGroup() as group:
                 for span in spans:
                     group.create_task(one(span))
-        return etags
+        return sent
 
-    async def send_bytes(
-        self, s: StreamState, upload_id: str, span: Span, data: bytes, why: str, fence: Fence
-    ) -> str:
-        md5_hex, md5_b64 = await asyncio.to_thread(md5_of, data)
-        copied = await self.copy_unchanged(s, upload_id, span, md5_hex, fence)
-        if copied is not None:
-            return copied
-        etag = await self._deps.store.upload_part(s.key, upload_id, span.number, data, md5_b64)
-        await self._record_part(s, upload_id, span, etag, md5_hex, fence)
+    async def send_chunk(
+        self, s: StreamState, upload_id: str, chunk: Chunk, why: str, fence: Fence
+    ) -> Sent:
+        """Send a part read by ``read`` (with the upload's algorithm; with the
+        MD5 too when the stream continues an object), or copy it from the
+        continued object when that holds these very bytes."""
+        span = chunk.span
+        if chunk.md5_hex:
+            copied = await self.copy_unchanged(
+                s, upload_id, span, chunk.md5_hex, fence, checksum=chunk.checksum
+            )
+            if copied is not None:
+                return Sent(copied, chunk.checksum)
+        etag = await self._deps.store.upload_part(
+            s.key, upload_id, span.number, chunk.data, chunk.md5_b64 if not chunk.checksum else "",
+            checksum=chunk.checksum,
+        )  # fmt: skip
+        md5_hex = chunk.md5_hex or self._md5_from(etag)
+        if not md5_hex:
+            # A store whose ETags are not MD5s (SSE-KMS): the MD5 the log keeps
+            # for continuations and adoption is computed here after all.
+            md5_hex, _ = await asyncio.to_thread(md5_of, chunk.data)
+        await self._record_part(
+            s, upload_id, span, etag, md5_hex, fence, checksum=chunk.checksum, quiet=chunk.quiet
+        )
         self._deps.metrics.uploaded(why, span.size, self._deps.now())
-        return etag
+        return Sent(etag, chunk.checksum)
 
     async def _record_part(
         self,
@@ -239,6 +411,8 @@ class Uploads:
         fence: Fence,
         *,
         copied: bool = False,
+        checksum: str = "",
+        quiet: FileStat | None = None,
     ) -> PartUploaded:
         """The fact that the store holds ``span`` as part ``span.number``."""
         event = PartUploaded(
@@ -251,13 +425,17 @@ class Uploads:
             etag=etag,
             md5=md5_hex,
             copied=copied,
+            checksum=checksum,
+            file_size=None if quiet is None else quiet.size,
+            file_mtime_ns=None if quiet is None else quiet.mtime_ns,
         )
         await self._deps.emit(event, fence)
         return event
 
     async def copy_unchanged(
-        self, s: StreamState, upload_id: str, span: Span, md5_hex: str, fence: Fence
-    ) -> str | None:
+        self, s: StreamState, upload_id: str, span: Span, md5_hex: str, fence: Fence, *,
+        checksum: str = "",
+    ) -> str | None:  # fmt: skip
         """Copy the part from the continued object if it holds these very
         bytes (``unchanged_in``); its ETag, or None when the part must be sent.
 
@@ -276,7 +454,9 @@ class Uploads:
         except NoSuchKey:
             log.warning("continued object is gone; sending the part", key=c.key, part=span.number)
             return None
-        await self._record_part(s, upload_id, span, etag, md5_hex, fence, copied=True)
+        await self._record_part(
+            s, upload_id, span, etag, md5_hex, fence, copied=True, checksum=checksum
+        )
         self._deps.metrics.parts.labels("copied").inc()
         self._deps.metrics.bytes_copied.inc(span.size)
         return etag

@@ -77,6 +77,9 @@ class Part(msgspec.Struct, frozen=True, gc=False):
     md5: str
     uploaded_at: datetime
     copied: bool = False  # copied inside the store from the continued object
+    checksum: str = ""  # tagged CRC (PartUploaded.checksum), "" for md5/none
+    file_size: int | None = None  # the file when the part was read, if quiet
+    file_mtime_ns: int | None = None
 
 
 class Idle(msgspec.Struct, frozen=True, gc=False):
@@ -285,6 +288,9 @@ def fold(state: StreamState | None, event: Event) -> StreamState | None:
                 md5=event.md5,
                 uploaded_at=event.at,
                 copied=event.copied,
+                checksum=event.checksum,
+                file_size=event.file_size,
+                file_mtime_ns=event.file_mtime_ns,
             )
             return replace(state, parts={**state.parts, event.part_number: part})
         case StreamIdle():

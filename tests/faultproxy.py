@@ -44,6 +44,17 @@ request on a new one is answered ``403 AccessDenied`` with S3's XML body,
 without reaching S3 (counted as ``denied``), until ``deny`` is cleared.
 ``injected`` counts what actually happened, so a test can prove its faults
 fired.
+
+Two faults look inside the requests (HTTP/1.1 with ``Content-Length`` bodies,
+as botocore sends them), on every connection the plan leaves transparent:
+
+* ``reject_headers``: a request carrying a header whose name starts with one
+  of these (lower case, e.g. ``b"x-amz-checksum-"``) is answered
+  ``400 InvalidRequest`` without reaching S3 (counted as ``rejected``): a
+  store that does not support what the header asks for.
+* ``corrupt_bodies``: the next that many request bodies of at least
+  ``corrupt_min_bytes`` reach S3 with one byte flipped in the middle
+  (counted as ``corrupted``): damage in transit that only a checksum catches.
 """
 
 from __future__ import annotations
@@ -70,6 +81,10 @@ SLOWDOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n'
     b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
 )
+INVALID_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n'
+    b"<Error><Code>InvalidRequest</Code><Message>Unsupported header</Message></Error>"
+)
 DENIED_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n'
     b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
@@ -89,6 +104,7 @@ def _head(status: bytes, body: bytes) -> bytes:
 
 SLOWDOWN_HEAD = _head(b"503 Slow Down", SLOWDOWN_BODY)
 DENIED_HEAD = _head(b"403 Forbidden", DENIED_BODY)
+INVALID_HEAD = _head(b"400 Bad Request", INVALID_BODY)
 
 
 @dataclass
@@ -102,6 +118,8 @@ class Injected:
     refused: int = 0  # connections reset while ``down``; an outage, not a fault
     denied: int = 0  # requests answered AccessDenied while ``deny``; not a fault
     idle_closed: int = 0  # quiet connections closed (``idle_close_seconds``); not a fault
+    rejected: int = 0  # requests answered InvalidRequest for a header (``reject_headers``)
+    corrupted: int = 0  # request bodies forwarded with a flipped byte (``corrupt_bodies``)
 
     @property
     def faults(self) -> int:
@@ -114,6 +132,10 @@ class _CutReached(Exception):
 
 class _Idle(Exception):
     """The connection's last request was answered long enough ago."""
+
+
+class _Rejected(Exception):
+    """A request was answered in place of S3: the connection ends."""
 
 
 @dataclass
@@ -148,6 +170,9 @@ class FaultProxy:
         reset_max_bytes: int = 6 * 1024 * 1024,
         max_faults: int | None = None,
         idle_close_seconds: float | None = None,
+        reject_headers: tuple[bytes, ...] = (),
+        corrupt_bodies: int = 0,
+        corrupt_min_bytes: int = 1024 * 1024,
     ) -> None:
         if reset_rate + slowdown_rate + stall_rate + lost_response_rate > 1.0:
             raise ValueError("the fault rates add up to more than 1")
@@ -160,6 +185,9 @@ class FaultProxy:
         self.reset_max_bytes = reset_max_bytes
         self.max_faults = max_faults
         self.idle_close_seconds = idle_close_seconds
+        self.reject_headers = reject_headers
+        self.corrupt_bodies = corrupt_bodies
+        self.corrupt_min_bytes = corrupt_min_bytes
         self.enabled = True
         self.injected = Injected()
         self.connections = 0
@@ -347,14 +375,20 @@ class FaultProxy:
             if lose_response
             else self._pump(up_reader, writer, None, traffic, answer=True)
         )
+        inspect = (self.reject_headers or self.corrupt_bodies) and cut is None
         try:
             async with asyncio.TaskGroup() as pumps:
-                pumps.create_task(self._pump(reader, up_writer, cut, traffic, answer=False))
+                if inspect and not lose_response:
+                    pumps.create_task(self._pump_requests(reader, up_writer, writer, traffic))
+                else:
+                    pumps.create_task(self._pump(reader, up_writer, cut, traffic, answer=False))
                 pumps.create_task(answers)
                 if self.idle_close_seconds is not None:
                     pumps.create_task(self._close_when_idle(traffic, self.idle_close_seconds))
         except* _Idle:
             self.injected.idle_closed += 1
+        except* _Rejected:
+            _abort(up_writer)
         except* _CutReached:
             if lose_response:
                 self.injected.lost_response += 1
@@ -387,6 +421,58 @@ class FaultProxy:
             dst.write(data)
             await dst.drain()
             sent += len(data)
+        if dst.can_write_eof() and not dst.is_closing():
+            dst.write_eof()
+
+    async def _pump_requests(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        client: asyncio.StreamWriter,
+        traffic: _Traffic,
+    ) -> None:
+        """The client's requests one by one: head, then ``Content-Length``
+        bytes of body, rejected or damaged as configured."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                head = await src.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    raise
+                break  # the client closed between requests
+            traffic.at, traffic.answered = loop.time(), False
+            names = {}
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                names[name.strip().lower()] = value.strip()
+            if any(n.startswith(p) for n in names for p in self.reject_headers):
+                self.injected.rejected += 1
+                client.write(INVALID_HEAD + INVALID_BODY)
+                await client.drain()
+                await self._drop_the_rest(src, client)
+                raise _Rejected
+            length = int(names.get(b"content-length", b"0") or 0)
+            dst.write(head)
+            await dst.drain()
+            if length == 0:
+                continue
+            damage = self.corrupt_bodies > 0 and length >= self.corrupt_min_bytes
+            if damage:
+                self.corrupt_bodies -= 1
+                self.injected.corrupted += 1
+            at, left = 0, length
+            while left:
+                data = await src.read(min(left, _READ_SIZE))
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", left)
+                if damage and at <= length // 2 < at + len(data):
+                    i = length // 2 - at
+                    data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+                dst.write(data)
+                await dst.drain()
+                at, left = at + len(data), left - len(data)
+                traffic.at = loop.time()
         if dst.can_write_eof() and not dst.is_closing():
             dst.write_eof()
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from cefmp4.adapters import checksums
 from cefmp4.domain.events import FileSeen, PartUploaded, StreamCompleted, StreamFailed, StreamIdle
 from cefmp4.runtime.service import Service
 from projections.streams import StreamState
@@ -49,7 +50,16 @@ def assert_stored(
     assert sidecar["total_size_bytes"] == len(expected)
     assert sidecar["stream_id"] == state.stream_id
 
-    assert sidecar["sha256"] == hashlib.sha256(expected).hexdigest()
+    # The object's integrity proof: the store-verified full-object CRC (crc
+    # modes) and/or the SHA-256 (SIDECAR_SHA256); at least one of them.
+    assert sidecar["checksum"] is not None or sidecar["sha256"] is not None, sidecar
+    if sidecar["sha256"] is not None:
+        assert sidecar["sha256"] == hashlib.sha256(expected).hexdigest()
+    if sidecar["checksum"] is not None:
+        algorithm = sidecar["checksum"]["algorithm"].lower()
+        assert sidecar["checksum"]["value"] == checksums.encode(
+            algorithm, checksums.crc_value(algorithm, expected)
+        )
     return dict(sidecar)
 
 

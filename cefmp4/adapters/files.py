@@ -6,8 +6,9 @@ file system's bytes here, so nothing above this module handles raw names.
 OS errors are translated into what they mean for a stream: gone (the watcher
 will report the deletion), unreadable (a permanent failure of the stream), or
 changed under us (a short read: the file shrank; the watcher will report it).
-Reads use ``pread`` on a fresh descriptor so concurrent part reads of one file
-need no shared offset.
+Reads use ``pread``/``preadv`` on a fresh descriptor so concurrent part reads of
+one file need no shared offset; ``read_into`` fills a caller's (reused) buffer,
+so reading a part allocates nothing.
 
 Nothing here blocks on a special file: ``look`` and ``stat`` only stat, and
 ``read_range`` opens with ``O_NONBLOCK`` (a path that raced into a FIFO opens
@@ -147,3 +148,66 @@ def read_range(path: str, offset: int, size: int) -> bytes:
         raise FileUnreadable(_error(path, "read", exc)) from exc
     finally:
         os.close(fd)
+
+
+class Read(msgspec.Struct, frozen=True):
+    """What ``read_into`` saw: the file's stat taken after the bytes were read."""
+
+    after: FileStat
+
+
+def read_into(path: str, offset: int, buffer: memoryview) -> Read:
+    """Fill ``buffer`` (a writable, byte-format view; all of it) with the
+    bytes at ``offset``, with ``preadv`` straight into it, then ``fstat`` the
+    same descriptor: a caller that knows the file was quiet before the read
+    can tell from ``after`` later that these bytes cannot have changed.
+    Blocking, call it in a thread."""
+    fd = open_regular(path)
+    try:
+        size = len(buffer)
+        got = 0
+        while got < size:
+            n = os.preadv(fd, [buffer[got:]], offset + got)
+            if n == 0:
+                raise FileShrank(f"{path}: wanted {size} bytes at {offset}, got {got}")
+            got += n
+        st = os.fstat(fd)
+        return Read(FileStat(st.st_size, st.st_mtime_ns, st.st_ino))
+    except OSError as exc:
+        raise FileUnreadable(_error(path, "read", exc)) from exc
+    finally:
+        os.close(fd)
+
+
+class Buffers:
+    """Read buffers handed out and taken back, so a part read fills memory
+    that is already mapped instead of a fresh allocation (page faults and
+    zeroing for every byte). At most ``keep`` idle buffers are kept; in use
+    there are only as many as parts in flight, so peak memory stays theirs.
+
+    Used from the event loop (``take``/``give`` are not thread-safe); the
+    bytes are filled in threads. A buffer is never resized (views of it may
+    still exist), only dropped.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self._free: list[bytearray] = []
+        self._keep = keep
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes (the smallest idle one that fits)."""
+        fits = [b for b in self._free if len(b) >= size]
+        if not fits:
+            return bytearray(size)
+        best = min(fits, key=len)
+        self._free.remove(best)
+        return best
+
+    def give(self, buffer: bytearray) -> None:
+        self._free.append(buffer)
+        if len(self._free) > self._keep:
+            self._free.remove(min(self._free, key=len))
+
+    @property
+    def idle(self) -> int:
+        return len(self._free)

@@ -4,15 +4,20 @@ Design notes
 ------------
 * One aiobotocore client per process, injected; the pool is sized for the
   parts that may be in flight at once.
-* Integrity: every part carries ``Content-MD5``, so the server rejects bytes
-  that were damaged in transit, and the returned ETag (= MD5 for unencrypted
-  parts) doubles as the checksum a reconcile compares against the file. That
-  makes botocore's extra work redundant: SigV4 payload hashing is off where the
-  protocol allows it (HTTPS; botocore always hashes over plain HTTP) and the
-  default CRC32 flexible checksum is only sent when an operation requires it.
-  (``task bench`` measures what is left.)
+* Integrity: every part carries the checksum the caller computed
+  (``x-amz-checksum-crc64nvme``/``-crc32c``, or ``Content-MD5``;
+  ``cefmp4.adapters.checksums``), so the server rejects bytes that were
+  damaged in transit. That makes botocore's own work redundant: the SigV4
+  payload hash is off (``payload_signing_enabled=False`` is honoured over
+  plain HTTP too: ``x-amz-content-sha256: UNSIGNED-PAYLOAD``,
+  ``tests/test_checksum_modes.py`` checks the headers) and its default CRC32
+  is only computed when an operation requires one and we sent none.
 * Part bodies are handed over as a seekable file over the part's bytes
-  (``PartBody``), so no layer makes a second full copy of a part in flight.
+  (``PartBody``), so no layer makes a second full copy of a part in flight:
+  a ``bytes`` body would become a ``BytesIO`` that aiohttp un-shares, and a
+  ``bytearray`` one (passed through by botocore and aiohttp as is) is written
+  to the transport at once, whose buffer on Python 3.11 copies whatever the
+  socket did not take.
 * botocore's own retries are off; transient failures are retried here with
   the project's policy, around a per-request timeout so a stalled connection
   cannot hang a stream. The timeout of a request with a body grows with the
@@ -39,7 +44,9 @@ import aiohttp
 import botocore.exceptions as bexc
 from botocore.config import Config as BotoConfig
 
+from cefmp4.adapters import checksums
 from cefmp4.adapters.blocked import Blocked
+from cefmp4.adapters.checksums import Bytes, Crc
 from cefmp4.adapters.retry import transient
 from cefmp4.adapters.storage import ObjectInfo, RemotePart, RemoteUpload
 from cefmp4.domain.errors import (
@@ -158,7 +165,7 @@ class PartBody(io.RawIOBase):
     file-like is streamed in 64 KiB reads instead.
     """
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: Bytes) -> None:
         super().__init__()
         self._view = memoryview(data)
         self._pos = 0
@@ -189,6 +196,29 @@ class PartBody(io.RawIOBase):
 
 def _etag(value: str) -> str:
     return value.strip('"')
+
+
+def _integrity(md5_b64: str, checksum: str) -> dict[str, str]:
+    """The request parameters that carry a body's checksum: ``Content-MD5``
+    and/or the tagged CRC's ``x-amz-checksum-*`` (botocore then adds none)."""
+    params = {"ContentMD5": md5_b64} if md5_b64 else {}
+    found = checksums.untag(checksum)
+    if found is not None:
+        params[checksums.PARAMETER[found[0]]] = found[1]
+    return params
+
+
+def _full_object(algorithm: Crc) -> dict[str, str]:
+    return {"ChecksumAlgorithm": checksums.S3_NAME[algorithm], "ChecksumType": "FULL_OBJECT"}
+
+
+def _checksum(reply: dict[str, Any]) -> str:
+    """The tagged CRC in a reply (HEAD, a ListParts part), or ""."""
+    for algorithm in checksums.CRCS:
+        value = reply.get(checksums.PARAMETER[algorithm])
+        if value and "-" not in str(value):  # "...-N" is a COMPOSITE one: not ours
+            return f"{algorithm}:{value}"
+    return ""
 
 
 class S3Store:
@@ -259,17 +289,21 @@ class S3Store:
                 if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
-    async def create_multipart(self, key: str, content_type: str) -> str:
+    async def create_multipart(
+        self, key: str, content_type: str, *, checksum: Crc | None = None
+    ) -> str:
+        extra = {} if checksum is None else _full_object(checksum)
         reply = await self._call(
             lambda: self._s3.create_multipart_upload(
-                Bucket=self.bucket, Key=key, ContentType=content_type
+                Bucket=self.bucket, Key=key, ContentType=content_type, **extra
             )
         )
         return str(reply["UploadId"])
 
     async def upload_part(
-        self, key: str, upload_id: str, number: int, body: bytes, md5_b64: str
-    ) -> str:
+        self, key: str, upload_id: str, number: int, body: Bytes, md5_b64: str, *,
+        checksum: str = "",
+    ) -> str:  # fmt: skip
         reply = await self._call(
             lambda: self._s3.upload_part(
                 Bucket=self.bucket,
@@ -277,7 +311,7 @@ class S3Store:
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=PartBody(body),  # a fresh one per attempt: it is consumed
-                ContentMD5=md5_b64,
+                **_integrity(md5_b64, checksum),
             ),
             body_size=len(body),
         )
@@ -310,7 +344,7 @@ class S3Store:
                 )
             )
             parts += [
-                RemotePart(int(p["PartNumber"]), int(p["Size"]), _etag(p["ETag"]))
+                RemotePart(int(p["PartNumber"]), int(p["Size"]), _etag(p["ETag"]), _checksum(p))
                 for p in reply.get("Parts", [])
             ]
             if not reply.get("IsTruncated"):
@@ -337,12 +371,22 @@ class S3Store:
                 return uploads
 
     async def complete_multipart(
-        self, key: str, upload_id: str, parts: list[tuple[int, str]]
-    ) -> str:
-        layout = {"Parts": [{"PartNumber": n, "ETag": f'"{etag}"'} for n, etag in parts]}
+        self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
+        part_checksums: dict[int, str] | None = None, checksum: str = "",
+    ) -> str:  # fmt: skip
+        sums = part_checksums or {}
+        layout = {
+            "Parts": [
+                {"PartNumber": n, "ETag": f'"{etag}"', **_integrity("", sums.get(n, ""))}
+                for n, etag in parts
+            ]
+        }
+        extra = _integrity("", checksum)
+        if extra:
+            extra["ChecksumType"] = "FULL_OBJECT"
         reply = await self._call(
             lambda: self._s3.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload=layout
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload=layout, **extra
             )
         )
         return _etag(reply["ETag"])
@@ -352,24 +396,77 @@ class S3Store:
             lambda: self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         )
 
-    async def put_object(self, key: str, body: bytes, md5_b64: str, content_type: str) -> str:
+    async def put_object(
+        self, key: str, body: Bytes, md5_b64: str, content_type: str, *, checksum: str = ""
+    ) -> str:
         reply = await self._call(
             lambda: self._s3.put_object(
-                Bucket=self.bucket, Key=key, Body=body, ContentMD5=md5_b64, ContentType=content_type
+                Bucket=self.bucket,
+                Key=key,
+                Body=PartBody(body),
+                ContentType=content_type,
+                **_integrity(md5_b64, checksum),
             ),
             body_size=len(body),
         )
         return _etag(reply["ETag"])
 
+    async def probe_checksum(self, algorithm: Crc, scratch_key: str) -> str | None:
+        body = b"cefmp4 checksum probe\n" * 64
+        right = checksums.checksum_of(algorithm, body)
+        wrong = checksums.checksum_of(algorithm, body + b"!")
+        try:
+            upload_id = await self.create_multipart(
+                scratch_key, "application/octet-stream", checksum=algorithm
+            )
+        except PermanentError as exc:
+            return f"CreateMultipartUpload with {algorithm}: {exc}"
+        completed = False
+        try:
+            try:
+                await self.upload_part(scratch_key, upload_id, 1, body, "", checksum=wrong)
+            except PermanentError:
+                pass  # what a verifying store does
+            else:
+                return f"the store accepted a part whose {algorithm} is wrong"
+            try:
+                etag = await self.upload_part(scratch_key, upload_id, 1, body, "", checksum=right)
+                await self.complete_multipart(
+                    scratch_key, upload_id, [(1, etag)], part_checksums={1: right}, checksum=right
+                )
+            except PermanentError as exc:
+                return f"a FULL_OBJECT {algorithm} upload: {exc}"
+            completed = True
+            info = await self.head_object(scratch_key)
+            if info is None or info.checksum != right:
+                return f"HEAD reports {info and info.checksum!r}, not the object's {algorithm}"
+            return None
+        finally:
+            with contextlib.suppress(CefError):
+                if completed:
+                    await self._call(
+                        lambda: self._s3.delete_object(Bucket=self.bucket, Key=scratch_key)
+                    )
+                else:
+                    await self.abort_multipart(scratch_key, upload_id)
+
     async def head_object(self, key: str) -> ObjectInfo | None:
         async def op() -> ObjectInfo | None:
             try:
-                reply = await self._s3.head_object(Bucket=self.bucket, Key=key)
+                # ChecksumMode: the object's CRC, if it has one (the sidecar's proof).
+                reply = await self._s3.head_object(
+                    Bucket=self.bucket, Key=key, ChecksumMode="ENABLED"
+                )
             except bexc.ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     return None
                 raise
-            return ObjectInfo(int(reply["ContentLength"]), _etag(reply["ETag"]))
+            return ObjectInfo(
+                int(reply["ContentLength"]),
+                _etag(reply["ETag"]),
+                _checksum(reply),
+                str(reply.get("ChecksumType") or ""),
+            )
 
         return await self._call(op)
 

@@ -19,12 +19,14 @@ from typing import Protocol
 import msgspec
 
 from cefmp4.adapters.blocked import Blocked
+from cefmp4.adapters.checksums import Bytes, Crc
 
 
 class RemotePart(msgspec.Struct, frozen=True):
     number: int
     size: int
     etag: str  # without quotes
+    checksum: str = ""  # tagged (checksums.tag), when the store reports one
 
 
 class RemoteUpload(msgspec.Struct, frozen=True):
@@ -36,6 +38,8 @@ class RemoteUpload(msgspec.Struct, frozen=True):
 class ObjectInfo(msgspec.Struct, frozen=True):
     size: int
     etag: str
+    checksum: str = ""  # the object's tagged CRC, when the store reports one
+    checksum_type: str = ""  # FULL_OBJECT or COMPOSITE, when reported
 
 
 class ObjectStore(Protocol):
@@ -47,11 +51,20 @@ class ObjectStore(Protocol):
 
     async def ensure_bucket(self) -> None: ...
 
-    async def create_multipart(self, key: str, content_type: str) -> str: ...
+    async def create_multipart(
+        self, key: str, content_type: str, *, checksum: Crc | None = None
+    ) -> str:
+        """With ``checksum``, an upload whose object gets that CRC as a
+        FULL_OBJECT checksum: every part must then carry one of its kind."""
+        ...
 
     async def upload_part(
-        self, key: str, upload_id: str, number: int, body: bytes, md5_b64: str
-    ) -> str: ...
+        self, key: str, upload_id: str, number: int, body: Bytes, md5_b64: str, *,
+        checksum: str = "",
+    ) -> str:  # fmt: skip
+        """``md5_b64`` "" sends no Content-MD5; ``checksum`` (tagged) is sent
+        for the store to verify. Returns the part's ETag."""
+        ...
 
     async def upload_part_copy(
         self, key: str, upload_id: str, number: int, source_key: str, offset: int, size: int
@@ -72,12 +85,26 @@ class ObjectStore(Protocol):
     async def list_uploads(self, prefix: str) -> list[RemoteUpload]: ...
 
     async def complete_multipart(
-        self, key: str, upload_id: str, parts: list[tuple[int, str]]
-    ) -> str: ...
+        self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
+        part_checksums: dict[int, str] | None = None, checksum: str = "",
+    ) -> str:  # fmt: skip
+        """``part_checksums`` (tagged, by part number) and ``checksum`` (the
+        object's FULL_OBJECT CRC, which the store verifies) for an upload
+        created with a ``checksum``."""
+        ...
 
     async def abort_multipart(self, key: str, upload_id: str) -> None: ...
 
-    async def put_object(self, key: str, body: bytes, md5_b64: str, content_type: str) -> str: ...
+    async def put_object(
+        self, key: str, body: Bytes, md5_b64: str, content_type: str, *, checksum: str = ""
+    ) -> str: ...
+
+    async def probe_checksum(self, algorithm: Crc, scratch_key: str) -> str | None:
+        """None when the store verifies ``algorithm`` end to end (a FULL_OBJECT
+        multipart upload at ``scratch_key``: a part with a wrong checksum is
+        rejected, the right one and the combined object checksum accepted);
+        else why not. Leaves nothing behind. Outages raise as usual."""
+        ...
 
     async def head_object(self, key: str) -> ObjectInfo | None: ...
 

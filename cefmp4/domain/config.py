@@ -72,6 +72,15 @@ class Config(
     s3_region_name: str = "us-east-1"
     s3_key_prefix: str = "streams/"
     s3_timeout_seconds: PositiveFloat = 60.0
+    # The integrity check every part and the object carry (cefmp4.adapters.checksums):
+    # ``crc64nvme`` / ``crc32c`` (flexible checksums, the object's as FULL_OBJECT,
+    # far cheaper than MD5), ``md5`` (Content-MD5), ``none``; ``auto`` probes the
+    # store once at start (crc64nvme, then crc32c) and falls back to md5.
+    s3_checksum: Literal["auto", "crc64nvme", "crc32c", "md5", "none"] = "auto"
+    # Also hash every file with SHA-256 (into StreamCompleted and the sidecar):
+    # one more full pass over the bytes; the server-verified full-object
+    # checksum in the sidecar already proves the object.
+    sidecar_sha256: bool = False
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_key_prefix: Annotated[str, msgspec.Meta(min_length=1)] = "cefmp4"
     # How long `cefmp4 run` waits for Redis at start before it exits 2 (a wrong

@@ -135,10 +135,22 @@ class PartUploaded(Event, frozen=True, kw_only=True):
     offset: int
     size: int
     etag: str
-    md5: str  # hex MD5 of the bytes sent (also sent as Content-MD5), or copied
+    # Hex MD5 of the part's bytes: computed and sent as Content-MD5 in md5
+    # mode; with a CRC (``checksum``) the store's MD5 ETag, computed locally
+    # only when the ETag is not an MD5; "" when neither is known.
+    md5: str
     # The bytes were copied inside the store from the object the stream
     # continues (FileSeen.continues), not sent; ``etag`` is then the store's.
     copied: bool = False
+    # The part's checksum as sent and verified by the store, tagged with its
+    # algorithm ("crc64nvme:<base64>", cefmp4.adapters.checksums); "" in md5
+    # or none mode and in events written before S3_CHECKSUM existed.
+    checksum: str = ""
+    # The file's size and mtime (fstat after the part was read), recorded only
+    # when the file had been quiet for a while: if the file still has them at
+    # finalization, the part's bytes cannot have changed and are not read again.
+    file_size: int | None = None
+    file_mtime_ns: int | None = None
 
 
 class StreamIdle(Event, frozen=True, kw_only=True):

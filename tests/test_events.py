@@ -154,6 +154,9 @@ def test_data_example_is_readable_without_msgspec() -> None:
         "etag": '"abc"',
         "md5": "0" * 32,
         "copied": False,
+        "checksum": "",
+        "file_size": None,
+        "file_mtime_ns": None,
     }
 
 

@@ -448,7 +448,10 @@ class FaultProxy:
                 names[name.strip().lower()] = value.strip()
             if any(n.startswith(p) for n in names for p in self.reject_headers):
                 self.injected.rejected += 1
-                client.write(INVALID_HEAD + INVALID_BODY)
+                # The answer to HEAD has no body (it would read as the next answer).
+                client.write(
+                    INVALID_HEAD if head.startswith(b"HEAD ") else INVALID_HEAD + INVALID_BODY
+                )
                 await client.drain()
                 await self._drop_the_rest(src, client)
                 raise _Rejected

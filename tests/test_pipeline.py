@@ -51,8 +51,7 @@ def assert_stored(
     assert sidecar["stream_id"] == state.stream_id
 
     # The object's integrity proof: the store-verified full-object CRC (crc
-    # modes) and/or the SHA-256 (SIDECAR_SHA256); at least one of them.
-    assert sidecar["checksum"] is not None or sidecar["sha256"] is not None, sidecar
+    # modes), the SHA-256 (SIDECAR_SHA256), and always the MD5 ETag.
     if sidecar["sha256"] is not None:
         assert sidecar["sha256"] == hashlib.sha256(expected).hexdigest()
     if sidecar["checksum"] is not None:

@@ -111,7 +111,7 @@ async def test_verify_end_to_end(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config: Config = make_config()
+    config: Config = make_config(sidecar_sha256=True)
     small, large = watch / "small.mp4", watch / "large.mp4"
     async with running(config) as h:
         shutil.copyfile(sources.regular, small)

@@ -71,6 +71,9 @@ _TRANSIENT_CODES = frozenset(
         "Throttling",
         "ThrottlingException",
         "OperationAborted",
+        # The body's checksum (CRC or Content-MD5) did not match what arrived:
+        # damaged in transit; the part is sent again from the same buffer.
+        "BadDigest",
         "503",
         "500",
         "502",
@@ -253,14 +256,21 @@ class S3Store:
             return await attempts()
         return await self._blocked.through(attempts, repair=self._repair)
 
-    async def _attempts_of(self, op: Callable[[], Awaitable[T]], seconds: float) -> T:
-        """``op`` under the transient retry policy, each try limited to ``seconds``."""
-        async for attempt in transient(attempts=self._attempts):
+    async def _attempts_of(
+        self, op: Callable[[], Awaitable[T]], seconds: float, *, raw: bool = False
+    ) -> T:
+        """``op`` under the transient retry policy, each try limited to ``seconds``;
+        ``raw``: one try, a ``ClientError`` raised as it is, for the caller to read."""
+        async for attempt in transient(attempts=1 if raw else self._attempts):
             with attempt:
                 try:
                     async with asyncio.timeout(seconds):
                         return await op()
-                except (bexc.BotoCoreError, bexc.ClientError, aiohttp.ClientError, OSError) as exc:
+                except bexc.ClientError as exc:
+                    if raw:
+                        raise
+                    raise translate(exc) from exc
+                except (bexc.BotoCoreError, aiohttp.ClientError, OSError) as exc:
                     raise translate(exc) from exc
                 except TimeoutError as exc:
                     raise TransientError(f"s3 request timed out after {seconds:.0f}s") from exc
@@ -423,11 +433,7 @@ class S3Store:
             return f"CreateMultipartUpload with {algorithm}: {exc}"
         completed = False
         try:
-            try:
-                await self.upload_part(scratch_key, upload_id, 1, body, "", checksum=wrong)
-            except PermanentError:
-                pass  # what a verifying store does
-            else:
+            if not await self._refuses(scratch_key, upload_id, body, wrong):
                 return f"the store accepted a part whose {algorithm} is wrong"
             try:
                 etag = await self.upload_part(scratch_key, upload_id, 1, body, "", checksum=right)
@@ -449,6 +455,25 @@ class S3Store:
                     )
                 else:
                     await self.abort_multipart(scratch_key, upload_id)
+
+    async def _refuses(self, key: str, upload_id: str, body: bytes, wrong: str) -> bool:
+        """Whether the store answers a part with a wrong checksum with a 4xx
+        (BadDigest, as S3 does), once: the retries would take it for damage."""
+        try:
+            await self._attempts_of(
+                lambda: self._s3.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=1,
+                    Body=PartBody(body), **_integrity("", wrong),
+                ),
+                request_timeout(self._timeout, len(body)),
+                raw=True,
+            )  # fmt: skip
+        except bexc.ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if 400 <= status < 500 and status not in (403, 429):
+                return True
+            raise translate(exc) from exc
+        return False
 
     async def head_object(self, key: str) -> ObjectInfo | None:
         async def op() -> ObjectInfo | None:

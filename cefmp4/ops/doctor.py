@@ -12,6 +12,9 @@ One line per check, each with what to do when it is not ``ok``:
   list parts, list uploads, complete, head, put, get, abort a second upload,
   list under ``EVENT_ARCHIVE_PREFIX``), always cleaned up with DeleteObject,
   the one call only doctor makes;
+* ``S3_CHECKSUM``: which checksum the service will use (``auto`` probes the
+  store as the service does, with a scratch FULL_OBJECT upload, deleted
+  after), and whether a forced CRC is one the store verifies;
 * the clock against S3's (the ``Date`` of its answer): warn above 60 s, fail
   above 15 min (S3 refuses signatures that far off: RequestTimeTooSkewed);
 * ``FFPROBE_PATH -version`` runs;
@@ -44,10 +47,14 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
+from cefmp4.adapters import checksums
 from cefmp4.adapters.clients import s3_client
 from cefmp4.adapters.logsetup import redact_url
+from cefmp4.adapters.s3store import S3Store
 from cefmp4.domain.config import Config
+from cefmp4.domain.errors import CefError
 from consumers.deps import utcnow
+from consumers.uploads import resolve_checksum
 
 Level = Literal["ok", "warn", "fail"]
 
@@ -251,6 +258,40 @@ def s3_access_check(code: str | None, message: str, bucket: str, where: str) -> 
 # -- probes (I/O) --------------------------------------------------------------------
 
 
+def checksum_check(mode: str, algorithm: str, refused: list[str]) -> Check:
+    """What S3_CHECKSUM comes to against this store (``refused``: why each
+    CRC tried was not taken)."""
+    why = "; ".join(refused)
+    if mode == "auto" and checksums.is_crc(algorithm):
+        return Check("s3 checksum", "ok", f"auto: {algorithm}, verified by the store end to end")
+    if mode == "auto":
+        return Check("s3 checksum", "warn", f"auto: md5 (no CRC verified by the store: {why})",
+                     "none needed; a store with CRC64NVME/CRC32C costs less CPU")  # fmt: skip
+    if checksums.is_crc(mode) and refused:
+        return Check("s3 checksum", "fail", f"{mode}: {why}",
+                     "set S3_CHECKSUM=auto (or md5): uploads would be refused")  # fmt: skip
+    if mode == "none":
+        return Check("s3 checksum", "warn", "none: parts are not verified in transit",
+                     "set S3_CHECKSUM=auto unless the store rejects every checksum")  # fmt: skip
+    return Check("s3 checksum", "ok", mode)
+
+
+async def probe_checksum(config: Config, client: Any, seconds: float) -> Check:
+    store = S3Store(client, config.s3_bucket_name, timeout=seconds, attempts=1)
+    scratch = f"{config.s3_key_prefix}.doctor/"
+    mode = config.s3_checksum
+    try:
+        if checksums.is_crc(mode):  # forced: is it one the store verifies?
+            crc = checksums.as_crc(mode)
+            assert crc is not None
+            why = await store.probe_checksum(crc, scratch + secrets.token_hex(8))
+            return checksum_check(mode, mode, [] if why is None else [why])
+        algorithm, refused = await resolve_checksum(store, mode, scratch)
+    except CefError as exc:
+        return Check("s3 checksum", "warn", f"cannot check: {exc}")
+    return checksum_check(mode, algorithm, refused)
+
+
 async def probe_redis(config: Config) -> list[Check]:
     where = redact_url(config.redis_url)
     try:
@@ -435,6 +476,7 @@ async def probe_s3(config: Config, now: Callable[[], datetime] = utcnow) -> list
             steps, leftovers = await round_trip(client, bucket, config.s3_key_prefix)
             # The first call above was ListObjectsV2 (the archive's listing).
             checks += permissions_check([Step("ListObjectsV2"), *steps], leftovers)
+            checks.append(await probe_checksum(config, client, timeout))
         elif checks[-1].name == "s3 bucket":
             checks.append(Check("s3 permissions", "warn", "not checked: no bucket to check in"))
         return checks

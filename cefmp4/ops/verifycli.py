@@ -11,8 +11,11 @@ anything:
   MD5s, the parts cut by the same plan the uploader used
   (``partplan.final_parts`` with ``CHUNK_SIZE_BYTES``) - == the object's ==
   the logged one;
+  (S3 and SeaweedFS return MD5 ETags whichever checksum the parts carried);
+* checksum: where HEAD reports the object's full-object CRC (``S3_CHECKSUM``
+  crc64nvme/crc32c), the file's CRC == it (computed on the same pass);
 * with ``--sha256``: the SHA-256 of the file == ``StreamCompleted.sha256``
-  == the sidecar's ``sha256``.
+  == the sidecar's ``sha256`` (unchecked when ``SIDECAR_SHA256`` was off).
 
 Exit 0 when everything matches, 1 when anything differs (the line names the
 path and what differs; that wins over 2), 2 when something could not be
@@ -50,6 +53,7 @@ from typing import Any, Literal, TextIO
 import msgspec
 import redis.asyncio as aioredis
 
+from cefmp4.adapters import checksums
 from cefmp4.adapters.archive import EventArchive
 from cefmp4.adapters.checksums import multipart_etag
 from cefmp4.adapters.clients import probed_redis, s3_client
@@ -95,6 +99,7 @@ class FileDigest(msgspec.Struct, frozen=True, kw_only=True):
     etag: str | None  # None: the part plan is not the upload's (CHUNK_SIZE_BYTES changed)
     sha256: str | None  # only with --sha256
     planned_parts: int
+    crcs: dict[str, str] = {}  # tagged whole-file CRC by algorithm
 
 
 class Finding(msgspec.Struct, frozen=True):
@@ -165,7 +170,13 @@ def judge(
         findings.append(
             _same("etag", {"file": digest.etag, "log": expected.etag, "object": obj.etag})
         )
-    if check_sha256:
+    found = checksums.untag(obj.checksum)
+    if found is not None and found[0] in digest.crcs:
+        values = {"file": digest.crcs[found[0]], "object": obj.checksum}
+        findings.append(_same("checksum", values))
+    if check_sha256 and not expected.sha256:
+        findings.append(Finding("sha256", None, "not recorded (SIDECAR_SHA256 was off)"))
+    elif check_sha256:
         hashes: dict[str, str | int] = {"log": expected.sha256}
         if digest.sha256 is not None:
             hashes["file"] = digest.sha256
@@ -228,6 +239,7 @@ def digest_file(path: str, parts: int, chunk: int, *, sha256: bool) -> FileDiges
         size = os.fstat(fd).st_size
         spans = spans_for(size, parts, chunk)
         whole = hashlib.sha256() if sha256 else None
+        crcs = dict.fromkeys(checksums.CRCS, 0)
         md5s = []
         for span in spans:
             md5 = hashlib.md5(usedforsecurity=False)
@@ -237,6 +249,8 @@ def digest_file(path: str, parts: int, chunk: int, *, sha256: bool) -> FileDiges
                 if not block:
                     break  # shrank while reading: the size check says so
                 md5.update(block)
+                for crc in checksums.CRCS:
+                    crcs[crc] = checksums.crc_value(crc, block, crcs[crc])
                 if whole is not None:
                     whole.update(block)
                 done += len(block)
@@ -252,6 +266,7 @@ def digest_file(path: str, parts: int, chunk: int, *, sha256: bool) -> FileDiges
         etag=etag,
         sha256=None if whole is None else whole.hexdigest(),
         planned_parts=planned,
+        crcs={crc: checksums.tag(crc, value) for crc, value in crcs.items()},
     )
 
 

@@ -1,0 +1,313 @@
+"""S3_CHECKSUM end to end on SeaweedFS, and the arithmetic behind it.
+
+* Pure (hypothesis): the CRC of the whole == the combination of the CRCs of
+  any split, which is what lets a FULL_OBJECT checksum be computed from the
+  part CRCs without reading a byte twice.
+* The headers botocore actually sends (a ``before-send`` hook on the one
+  client factory's client): ``x-amz-content-sha256: UNSIGNED-PAYLOAD`` over
+  plain HTTP, our checksum and no second one of botocore's.
+* Every mode through the whole service: the object byte-exact, the checksum
+  on the object and in the sidecar where the mode has one.
+* A store that refuses the checksum headers (the fault proxy answers them
+  InvalidRequest): ``auto`` falls back to MD5 and still verifies.
+* A part body damaged on the way (the fault proxy flips a byte): the store
+  rejects it, the part is sent again, the object is right.
+* A file that was complete and quiet when its parts were read is not read a
+  second time by the finalizer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cefmp4.adapters import checksums, files
+from cefmp4.adapters.clients import s3_client
+from cefmp4.adapters.s3store import S3Store
+from cefmp4.domain.config import Config
+from cefmp4.domain.events import PartUploaded
+from tests import mp4gen
+from tests.faultproxy import FaultProxy
+from tests.harness import MiB, running
+from tests.test_pipeline import assert_clean, assert_stored
+
+# -- pure --------------------------------------------------------------------
+
+
+@given(
+    data=st.binary(max_size=4096),
+    cuts=st.lists(st.integers(min_value=0, max_value=4096), max_size=6),
+    algorithm=st.sampled_from(checksums.CRCS),
+)
+def test_combining_any_split_equals_the_checksum_of_the_whole(
+    data: bytes, cuts: list[int], algorithm: checksums.Crc
+) -> None:
+    bounds = sorted({0, len(data), *(min(c, len(data)) for c in cuts)})
+    blocks = [data[a:b] for a, b in itertools.pairwise(bounds)] or [b""]
+    pieces = [(checksums.crc_value(algorithm, b), len(b)) for b in blocks]
+    assert checksums.combine(algorithm, pieces) == checksums.crc_value(algorithm, data)
+    tagged = [(checksums.checksum_of(algorithm, b), len(b)) for b in blocks]
+    assert checksums.combine_tagged(tagged) == checksums.checksum_of(algorithm, data)
+
+
+@given(value=st.integers(min_value=0, max_value=2**64 - 1))
+def test_tag_round_trips_in_s3_encoding(value: int) -> None:
+    tagged = checksums.tag("crc64nvme", value)
+    found = checksums.untag(tagged)
+    assert found is not None and found[0] == "crc64nvme"
+    assert checksums.decode("crc64nvme", found[1]) == value
+    assert base64.b64decode(found[1]) == value.to_bytes(8, "big")
+
+
+def test_untag_knows_only_crcs() -> None:
+    assert checksums.untag("") is None
+    assert checksums.untag("md5:abc") is None
+    assert checksums.combine_tagged([("", 3)]) is None
+    mixed = [
+        (checksums.checksum_of("crc32c", b"a"), 1),
+        (checksums.checksum_of("crc64nvme", b"b"), 1),
+    ]
+    assert checksums.combine_tagged(mixed) is None
+
+
+def test_crc_matches_the_published_check_values() -> None:
+    # CRC-32C and CRC-64/NVME of "123456789" (the catalogue's check values).
+    assert checksums.crc_value("crc32c", b"123456789") == 0xE3069283
+    assert checksums.crc_value("crc64nvme", b"123456789") == 0xAE8B14860A799888
+
+
+def test_buffers_are_reused_and_bounded() -> None:
+    pool = files.Buffers(keep=2)
+    a, b, c = pool.take(10), pool.take(10), pool.take(20)
+    for buf in (a, b, c):
+        pool.give(buf)
+    assert pool.idle == 2
+    again = pool.take(15)
+    assert again is c  # the smallest idle one that fits
+    assert len(pool.take(30)) == 30
+
+
+def test_read_into_fills_the_view_and_stats_after(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 4)
+    buffer = bytearray(100)
+    read = files.read_into(str(path), 10, memoryview(buffer)[:50])
+    assert bytes(buffer[:50]) == (bytes(range(256)) * 4)[10:60]
+    assert read.after.size == 1024
+    with pytest.raises(files.FileShrank):
+        files.read_into(str(path), 1000, memoryview(buffer))
+
+
+# -- the headers on the wire ---------------------------------------------------
+
+
+async def test_upload_part_is_unsigned_and_carries_only_our_checksum(
+    make_config: Callable[..., Config], bucket: str
+) -> None:
+    config = make_config()
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    def capture(request: Any, event_name: str, **_: Any) -> None:
+        headers = {k.lower(): v.decode() if isinstance(v, bytes) else v
+                   for k, v in request.headers.items()}  # fmt: skip
+        seen.append((event_name.rsplit(".", 1)[-1], headers))
+
+    body = b"x" * (5 * MiB)
+    crc = checksums.checksum_of("crc64nvme", body)
+    _, md5_b64 = checksums.md5_of(body)
+    async with s3_client(config) as client:
+        assert config.s3_endpoint_url is not None and config.s3_endpoint_url.startswith("http:")
+        client.meta.events.register("before-send.s3", capture)
+        store = S3Store(client, bucket, timeout=20)
+        upload = await store.create_multipart("k", "video/mp4", checksum="crc64nvme")
+        await store.upload_part("k", upload, 1, bytearray(body), "", checksum=crc)
+        await store.abort_multipart("k", upload)
+        plain = await store.create_multipart("m", "video/mp4")
+        await store.upload_part("m", plain, 1, body, md5_b64)
+        await store.abort_multipart("m", plain)
+        await store.put_object("p", b"small", "", "text/plain")
+
+    parts = [h for op, h in seen if op == "UploadPart"]
+    assert len(parts) == 2
+    for headers in [h for _, h in seen]:
+        assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD", headers
+        assert "x-amz-checksum-crc32" not in headers, headers  # botocore's default
+    crc_part, md5_part = parts
+    assert crc_part["x-amz-checksum-crc64nvme"] == checksums.untag(crc)[1]  # type: ignore[index]
+    assert "content-md5" not in crc_part
+    assert md5_part["content-md5"] == md5_b64
+    assert not any(k.startswith("x-amz-checksum-") for k in md5_part), md5_part
+    [put] = [h for op, h in seen if op == "PutObject"]
+    assert not any(k.startswith("x-amz-checksum-") or k == "content-md5" for k in put), put
+
+
+# -- every mode end to end -----------------------------------------------------
+
+
+def _head(s3: Any, bucket: str, key: str) -> dict[str, Any]:
+    return dict(s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
+
+
+@pytest.mark.parametrize("mode", ["auto", "crc64nvme", "crc32c", "md5", "none"])
+async def test_every_mode_stores_the_file_exactly(
+    mode: str,
+    make_config: Callable[..., Config],
+    watch: Path,
+    sources: mp4gen.Mp4Sources,
+    s3_client: Any,
+    bucket: str,
+) -> None:
+    large, small = watch / "large.mp4", watch / "small.mp4"
+    data, little = sources.large.read_bytes(), sources.regular.read_bytes()
+    assert len(data) > 2 * 5 * MiB and len(little) < 5 * MiB
+    async with running(make_config(s3_checksum=mode, sidecar_sha256=mode == "none")) as h:
+        large.write_bytes(data)
+        small.write_bytes(little)
+        big = await h.terminal(large)
+        one = await h.terminal(small)
+        events = [e for _, e in await h.events() if isinstance(e, PartUploaded)]
+    algorithm = "crc64nvme" if mode == "auto" else mode  # SeaweedFS 4 verifies CRC64NVME
+    for state, expected in ((big, data), (one, little)):
+        sidecar = assert_stored(s3_client, bucket, state, expected)
+        head = _head(s3_client, bucket, state.key)
+        if checksums.is_crc(algorithm):
+            name = checksums.PARAMETER[algorithm]  # type: ignore[index]
+            want = checksums.checksum_of(algorithm, expected)  # type: ignore[arg-type]
+            assert f"{algorithm}:{head[name]}" == want
+            assert sidecar["checksum"]["value"] == head[name]
+            assert sidecar["sha256"] is None  # SIDECAR_SHA256 off by default
+        else:
+            assert sidecar["checksum"] is None
+            assert not any(k.startswith("ChecksumCRC") for k in head), head
+    assert big.completion is not None and big.completion.parts > 1
+    assert _head(s3_client, bucket, big.key)["ETag"].strip('"').endswith(f"-{big.completion.parts}")
+    assert events
+    for e in events:
+        found = checksums.untag(e.checksum)
+        if checksums.is_crc(algorithm):
+            assert found is not None and found[0] == algorithm, e
+        else:
+            assert e.checksum == "", e
+        assert len(e.md5) == 32  # the store's MD5 ETag, or our own
+        body = data[e.offset : e.offset + e.size]
+        assert e.md5 == hashlib.md5(body).hexdigest()
+    assert_clean(s3_client, bucket, 2)
+
+
+# -- a store without flexible checksums ----------------------------------------
+
+# What a store without flexible checksums cannot take (``x-amz-checksum-mode``
+# on HEAD/GET it would just ignore, so that one passes).
+REFUSED = (
+    b"x-amz-checksum-crc",
+    b"x-amz-checksum-algorithm",
+    b"x-amz-checksum-type",
+    b"x-amz-sdk-checksum-algorithm",
+)
+
+
+async def test_auto_falls_back_to_md5_where_the_store_refuses_checksums(
+    make_config: Callable[..., Config],
+    s3_endpoint: Any,
+    watch: Path,
+    sources: mp4gen.Mp4Sources,
+    s3_client: Any,
+    bucket: str,
+) -> None:
+    large = watch / "large.mp4"
+    data = sources.large.read_bytes()
+    async with FaultProxy.to(s3_endpoint.url, reject_headers=REFUSED) as proxy:
+        async with running(make_config(s3_endpoint_url=proxy.url)) as h:
+            large.write_bytes(data)
+            state = await h.terminal(large)
+            events = [e for _, e in await h.events() if isinstance(e, PartUploaded)]
+        assert proxy.injected.rejected >= 2  # the probe of each CRC
+    sidecar = assert_stored(s3_client, bucket, state, data)
+    assert sidecar["checksum"] is None
+    assert events and all(e.checksum == "" for e in events)
+    assert_clean(s3_client, bucket, 1)
+
+
+async def test_a_forced_crc_the_store_refuses_fails_the_stream_loudly(
+    make_config: Callable[..., Config],
+    s3_endpoint: Any,
+    watch: Path,
+    sources: mp4gen.Mp4Sources,
+    bucket: str,
+) -> None:
+    path = watch / "large.mp4"
+    proxy = FaultProxy.to(s3_endpoint.url, reject_headers=REFUSED)
+    async with proxy, running(make_config(s3_endpoint_url=proxy.url, s3_checksum="crc32c")) as h:
+        path.write_bytes(sources.large.read_bytes())
+        state = await h.terminal(path)
+    assert state.status == "failed" and state.failure_reason == "s3_rejected"
+
+
+# -- damage in transit ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["crc64nvme", "md5"])
+async def test_a_part_damaged_on_the_way_is_rejected_and_sent_again(
+    mode: str,
+    make_config: Callable[..., Config],
+    s3_endpoint: Any,
+    watch: Path,
+    sources: mp4gen.Mp4Sources,
+    s3_client: Any,
+    bucket: str,
+) -> None:
+    path = watch / "large.mp4"
+    data = sources.large.read_bytes()
+    async with FaultProxy.to(s3_endpoint.url, corrupt_bodies=2) as proxy:
+        async with running(make_config(s3_endpoint_url=proxy.url, s3_checksum=mode)) as h:
+            path.write_bytes(data)
+            state = await h.terminal(path)
+        assert proxy.injected.corrupted == 2
+    assert_stored(s3_client, bucket, state, data)
+    assert_clean(s3_client, bucket, 1)
+
+
+# -- no second read of bytes that cannot have changed --------------------------
+
+
+async def test_parts_read_from_a_quiet_file_are_not_read_again(
+    make_config: Callable[..., Config],
+    watch: Path,
+    tmp_path: Path,
+    sources: mp4gen.Mp4Sources,
+    s3_client: Any,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = watch / "copied.mp4"
+    data = sources.large.read_bytes()
+    path.write_bytes(data)
+    stat = path.stat()
+    old = stat.st_mtime_ns - 3600 * 10**9  # copied in with its mtime kept (cp -p)
+    os.utime(path, ns=(old, old))
+    reads: list[int] = []
+    real = files.read_into
+
+    def counting(p: str, offset: int, buffer: memoryview) -> files.Read:
+        reads.append(offset)
+        return real(p, offset, buffer)
+
+    monkeypatch.setattr(files, "read_into", counting)
+    async with running(make_config()) as h:
+        state = await h.terminal(path)
+        events = [e for _, e in await h.events() if isinstance(e, PartUploaded)]
+    assert_stored(s3_client, bucket, state, data)
+    assert sorted(reads) == sorted(set(reads)), f"a part was read twice: {sorted(reads)}"
+    assert state.completion is not None
+    assert len(reads) == state.completion.parts
+    quiet = [e for e in events if e.file_size is not None]
+    assert quiet and all(e.file_size == len(data) and e.file_mtime_ns == old for e in quiet)

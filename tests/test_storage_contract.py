@@ -18,7 +18,7 @@ from pathlib import Path
 import aioboto3
 import pytest
 
-from cefmp4.adapters.checksums import multipart_etag
+from cefmp4.adapters.checksums import Crc, multipart_etag
 from cefmp4.adapters.s3store import S3Store, boto_config
 from cefmp4.dev.localservers import JuiceFSGateway, S3Endpoint, free_port
 from cefmp4.domain.errors import NoSuchKey, NoSuchUpload, PermanentError, TransientError
@@ -256,3 +256,11 @@ async def test_upload_part_copy_errors(store: S3Store) -> None:
     await store.abort_multipart(key, upload_id)
     with pytest.raises(NoSuchUpload):
         await store.upload_part_copy(key, upload_id, 1, "streams/s1/a.mp4", 0, 100)
+
+
+@pytest.mark.parametrize("algorithm", ["crc64nvme", "crc32c"])
+async def test_checksum_probe_answers_and_leaves_nothing(store: S3Store, algorithm: Crc) -> None:
+    why = await store.probe_checksum(algorithm, "probe/scratch")
+    assert why is None or why  # None: verified end to end; else a reason
+    assert await store.list_uploads("probe/") == []
+    assert await store.list_keys("probe/") == []

@@ -71,9 +71,6 @@ _TRANSIENT_CODES = frozenset(
         "Throttling",
         "ThrottlingException",
         "OperationAborted",
-        # The body's checksum (CRC or Content-MD5) did not match what arrived:
-        # damaged in transit; the part is sent again from the same buffer.
-        "BadDigest",
         "503",
         "500",
         "502",
@@ -123,6 +120,13 @@ def boto_config(*, pool: int, timeout: float) -> BotoConfig:
     )
 
 
+class Damaged(TransientError):
+    """The body's checksum (CRC or Content-MD5) did not match what arrived:
+    damaged in transit, so it is sent again (from the same buffer). If every
+    attempt is refused the bytes are not what we hashed: ``_call`` turns it
+    into a ``PermanentError`` (``s3_rejected``)."""
+
+
 def translate(exc: BaseException) -> Exception:
     """Map a library exception to TransientError / DeploymentBlocked /
     NoSuchUpload / NoSuchKey / PermanentError (the S3 code stays in the message)."""
@@ -135,6 +139,8 @@ def translate(exc: BaseException) -> Exception:
             return NoSuchUpload(message)
         if code == "NoSuchKey":
             return NoSuchKey(message)
+        if code == "BadDigest":
+            return Damaged(message)
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return TransientError(message)
         cause = _BLOCKED_CODES.get(code) or ("permissions" if not code and status == 403 else None)
@@ -250,7 +256,10 @@ class S3Store:
 
     async def _call(self, op: Callable[[], Awaitable[T]], *, body_size: int = 0) -> T:
         async def attempts() -> T:
-            return await self._attempts_of(op, request_timeout(self._timeout, body_size))
+            try:
+                return await self._attempts_of(op, request_timeout(self._timeout, body_size))
+            except Damaged as exc:
+                raise PermanentError(str(exc), reason="s3_rejected") from exc
 
         if self._blocked is None:
             return await attempts()

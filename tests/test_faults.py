@@ -185,7 +185,10 @@ async def test_lost_create_response_leaves_no_orphan_upload(
     second one; the first must not stay open (and be billed) until gc runs."""
     # The first connection's answer is lost after S3 created the upload.
     async with FaultProxy.to(s3_endpoint.url, lost_response_rate=1.0, max_faults=1) as proxy:
-        config = make_config(s3_endpoint_url=proxy.url, s3_timeout_seconds=S3_TIMEOUT)
+        # md5: no checksum probe (S3_CHECKSUM=auto) takes the first connection's fault.
+        config = make_config(
+            s3_endpoint_url=proxy.url, s3_timeout_seconds=S3_TIMEOUT, s3_checksum="md5"
+        )
         async with log_only(config) as (h, service):
             seen = FileSeen(
                 stream_id="s1",

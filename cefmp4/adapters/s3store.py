@@ -457,13 +457,21 @@ class S3Store:
                 return f"HEAD reports {info and info.checksum!r}, not the object's {algorithm}"
             return None
         finally:
-            with contextlib.suppress(CefError):
-                if completed:
-                    await self._call(
-                        lambda: self._s3.delete_object(Bucket=self.bucket, Key=scratch_key)
-                    )
-                else:
-                    await self.abort_multipart(scratch_key, upload_id)
+            await self._clean_probe(scratch_key, upload_id, completed)
+
+    async def _clean_probe(self, key: str, upload_id: str, completed: bool) -> None:
+        """The probe's object or upload goes, and any other upload of its key
+        (a create retried after its answer was lost made a second one)."""
+        with contextlib.suppress(CefError):
+            if completed:
+                await self._call(lambda: self._s3.delete_object(Bucket=self.bucket, Key=key))
+            else:
+                await self.abort_multipart(key, upload_id)
+        with contextlib.suppress(CefError):
+            for other in await self.list_uploads(key):
+                if other.key == key:
+                    with contextlib.suppress(CefError):
+                        await self.abort_multipart(key, other.upload_id)
 
     async def _refuses(self, key: str, upload_id: str, body: bytes, wrong: str) -> bool:
         """Whether the store answers a part with a wrong checksum with a 4xx

@@ -260,8 +260,8 @@ class Uploads:
         The lease is checked first, as before complete and abort: a replica
         that lost the stream (paused past its TTL) would otherwise open an
         upload that nobody records, which stays open until gc."""
+        algorithm = await self.algorithm()  # resolved at start; first, so the check is fresh
         await fence.lease.check()
-        algorithm = await self.algorithm()
         upload_id = await self._deps.store.create_multipart(
             s.key, CONTENT_TYPE, checksum=checksums.as_crc(algorithm)
         )

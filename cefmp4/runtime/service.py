@@ -163,6 +163,8 @@ class Service:
         async for attempt in transient(attempts=None, max_wait=30.0):
             with attempt:
                 await self.deps.store.ensure_bucket()
+                # S3_CHECKSUM=auto probes the store here, once, not in a stream's turn.
+                await self.uploads.algorithm()
         for consumer in self.consumers:
             await consumer.start()
         projection = await self.deps.projection.catch_up()

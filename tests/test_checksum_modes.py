@@ -34,10 +34,11 @@ from cefmp4.adapters import checksums, files
 from cefmp4.adapters.clients import s3_client
 from cefmp4.adapters.s3store import S3Store
 from cefmp4.domain.config import Config
-from cefmp4.domain.events import PartUploaded
+from cefmp4.domain.events import PartUploaded, UploadStarted
+from cefmp4.ops.doctor import checksum_check, probe_s3
 from tests import mp4gen
 from tests.faultproxy import FaultProxy
-from tests.harness import MiB, running
+from tests.harness import MiB, log_only, running
 from tests.test_pipeline import assert_clean, assert_stored
 
 # -- pure --------------------------------------------------------------------
@@ -311,3 +312,62 @@ async def test_parts_read_from_a_quiet_file_are_not_read_again(
     assert len(reads) == state.completion.parts
     quiet = [e for e in events if e.file_size is not None]
     assert quiet and all(e.file_size == len(data) and e.file_mtime_ns == old for e in quiet)
+
+
+# -- logs written before S3_CHECKSUM ------------------------------------------
+
+
+async def test_an_upload_begun_with_md5_parts_finishes_with_md5(
+    make_config: Callable[..., Config], watch: Path, s3_client: Any, bucket: str
+) -> None:
+    """An upgrade mid-stream: the log has an MD5-only upload and part (events
+    from before S3_CHECKSUM, no ``checksum``); the new service (auto: CRC64NVME
+    on this store) finishes that upload with MD5, comparing like with like."""
+    config = make_config()
+    dst = watch / "upgraded.mp4"
+    content = os.urandom(11 * MiB)
+    dst.write_bytes(content)
+    async with log_only(config) as (h, service):
+        await service.start()
+        await service.watcher.run_once()
+        state = (await h.projection()).for_path(str(dst))
+        assert state is not None
+        store = service.deps.store
+        upload_id = await store.create_multipart(state.key, "video/mp4")
+        part1 = content[: 5 * MiB]
+        md5_hex, md5_b64 = checksums.md5_of(part1)
+        etag = await store.upload_part(state.key, upload_id, 1, part1, md5_b64)
+        at = service.deps.now()
+        await h.log.append(UploadStarted(stream_id=state.stream_id, at=at, upload_id=upload_id))
+        old = PartUploaded(stream_id=state.stream_id, at=at, upload_id=upload_id, part_number=1,
+                           offset=0, size=len(part1), etag=etag, md5=md5_hex)  # fmt: skip
+        await h.log.append(old)
+    async with running(config) as h:
+        done = await h.terminal(dst)
+        events = [e for _, e in await h.events() if isinstance(e, PartUploaded)]
+    assert_stored(s3_client, bucket, done, content)
+    assert done.upload_id == upload_id
+    assert [e.checksum for e in events] == [""] * len(events) and len(events) == 3
+    assert "ChecksumCRC64NVME" not in _head(s3_client, bucket, done.key)
+    assert_clean(s3_client, bucket, 1)
+
+
+def test_doctor_says_what_s3_checksum_comes_to() -> None:
+    assert checksum_check("auto", "crc64nvme", []).level == "ok"
+    fallback = checksum_check("auto", "md5", ["crc64nvme: no", "crc32c: no"])
+    assert fallback.level == "warn" and "crc32c: no" in fallback.detail
+    assert checksum_check("crc32c", "crc32c", ["refused"]).level == "fail"
+    assert checksum_check("crc32c", "crc32c", []).level == "ok"
+    assert checksum_check("none", "none", []).level == "warn"
+    assert checksum_check("md5", "md5", []).level == "ok"
+
+
+async def test_doctor_reports_the_checksum_the_service_would_use(
+    make_config: Callable[..., Config],
+) -> None:
+    checks = await probe_s3(make_config())
+    [check] = [c for c in checks if c.name == "s3 checksum"]
+    assert (check.level, check.detail) == (
+        "ok",
+        "auto: crc64nvme, verified by the store end to end",
+    )

@@ -166,10 +166,9 @@ class Uploads:
         self._deps = deps
         self._reconciled: set[tuple[str, str]] = set()
         self._streams = asyncio.Semaphore(deps.config.max_concurrent_streams)
-        config = deps.config
-        # Idle buffers kept: one per part that may be in flight, plus the one
-        # a finalizer reads ahead with.
-        self.buffers = files.Buffers(config.max_concurrent_streams * (config.part_concurrency + 1))
+        # Idle buffers kept while parts move: a stream's parts in flight plus
+        # the one a finalizer reads ahead with.
+        self.buffers = files.Buffers(deps.config.part_concurrency + 1)
         self._algorithm: Algorithm | None = None
         self._resolving = asyncio.Lock()
 

@@ -86,15 +86,20 @@ def test_crc_matches_the_published_check_values() -> None:
     assert checksums.crc_value("crc64nvme", b"123456789") == 0xAE8B14860A799888
 
 
-def test_buffers_are_reused_and_bounded() -> None:
+def test_buffers_are_reused_bounded_and_dropped_when_nothing_is_lent() -> None:
     pool = files.Buffers(keep=2)
+    busy = pool.take(10)
     a, b, c = pool.take(10), pool.take(10), pool.take(20)
     for buf in (a, b, c):
         pool.give(buf)
-    assert pool.idle == 2
+    assert pool.idle == 2  # the smaller of a and b went
     again = pool.take(15)
     assert again is c  # the smallest idle one that fits
     assert len(pool.take(30)) == 30
+    for buf in (again, busy):
+        pool.give(buf)
+    pool.give(bytearray(1))  # the last one lent
+    assert pool.idle == 0
 
 
 def test_read_into_fills_the_view_and_stats_after(tmp_path: Path) -> None:

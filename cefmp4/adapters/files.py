@@ -182,8 +182,10 @@ def read_into(path: str, offset: int, buffer: memoryview) -> Read:
 class Buffers:
     """Read buffers handed out and taken back, so a part read fills memory
     that is already mapped instead of a fresh allocation (page faults and
-    zeroing for every byte). At most ``keep`` idle buffers are kept; in use
-    there are only as many as parts in flight, so peak memory stays theirs.
+    zeroing for every byte). While parts are being moved at most ``keep``
+    idle buffers wait for the next read; once none is lent any more they are
+    all dropped, so memory follows the parts in flight and an idle service
+    holds none.
 
     Used from the event loop (``take``/``give`` are not thread-safe); the
     bytes are filled in threads. A buffer is never resized (views of it may
@@ -193,9 +195,11 @@ class Buffers:
     def __init__(self, keep: int) -> None:
         self._free: list[bytearray] = []
         self._keep = keep
+        self._lent = 0
 
     def take(self, size: int) -> bytearray:
         """A buffer of at least ``size`` bytes (the smallest idle one that fits)."""
+        self._lent += 1
         fits = [b for b in self._free if len(b) >= size]
         if not fits:
             return bytearray(size)
@@ -204,6 +208,10 @@ class Buffers:
         return best
 
     def give(self, buffer: bytearray) -> None:
+        self._lent -= 1
+        if self._lent == 0:
+            self._free.clear()
+            return
         self._free.append(buffer)
         if len(self._free) > self._keep:
             self._free.remove(min(self._free, key=len))

@@ -79,6 +79,13 @@ class Config(
     # outages are waited out however long (cefmp4.runtime.startup).
     redis_start_timeout_seconds: PositiveFloat = 60.0
     ffprobe_path: str = "ffprobe"
+    # How the metadata sidecar describes a recording (consumers.metadata):
+    # ``auto`` reads duration and codecs from the MP4's own boxes when they
+    # settle everything ffprobe would report (a complete H.264/AAC-LC MP4,
+    # cefmp4.domain.mp4meta) and runs ffprobe otherwise; ``ffprobe`` always
+    # runs it (one process per recording); ``boxes`` never does (what the
+    # boxes cannot describe gets ``duration_seconds: null`` and the reason).
+    metadata_probe: Literal["auto", "boxes", "ffprobe"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     app_env: Literal["development", "production"] = "development"
     # The HTTP endpoint (metrics, /healthz, /readyz; cefmp4.runtime.httpserver): unset

@@ -107,6 +107,13 @@ def cpu_seconds(pid: int) -> float:
     return _cpu_seconds(Path(f"/proc/{pid}/stat"))
 
 
+def children_cpu_seconds(pid: int) -> float:
+    """User + system CPU of the reaped children of ``pid`` (ffprobe, for the service)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # cutime, cstime are fields 16, 17 of proc(5).
+    return (int(fields[13]) + int(fields[14])) / _CLK_TCK
+
+
 def main_thread_cpu_seconds(pid: int) -> float:
     """CPU of the main thread only: for the service, its asyncio event loop."""
     return _cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))

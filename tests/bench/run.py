@@ -7,7 +7,8 @@
 
 Options inside ``--throughput`` / ``--latency`` / ``--replay`` / ``--failover`` are those of
 ``python -m tests.bench.bench_throughput --help`` / ``bench_latency --help`` /
-``bench_replay --help`` (and ``--soak``: ``bench_soak --help``). Each bench
+``bench_replay --help`` (and ``--soak``: ``bench_soak --help``; ``--backlog``:
+``bench_backlog --help``, e.g. ``--backlog="--recordings 300 --profile"``). Each bench
 starts its own throwaway Redis (and, where it needs one, S3 server) under a
 temp dir and takes well under three minutes on 2 cores, except the soak bench
 at its default (year-scale) size: about ten. The JSON of everything goes to
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tests.bench import (
+    bench_backlog,
     bench_failover,
     bench_latency,
     bench_replay,
@@ -43,6 +45,7 @@ BENCHES: dict[str, Bench] = {
     "replay": (bench_replay.parse_args, bench_replay.run, bench_replay.report),
     "failover": (bench_failover.parse_args, bench_failover.run, bench_failover.report),
     "soak": (bench_soak.parse_args, bench_soak.run, bench_soak.report),
+    "backlog": (bench_backlog.parse_args, bench_backlog.run, bench_backlog.report),
 }
 
 
@@ -139,6 +142,17 @@ def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
                 f"{fo['settings']['LEASE_TTL_SECONDS']:g}, max {fo['max_s']:.3f} s",
             )
         )
+    bl = results.get("backlog")
+    if bl is not None and "error" not in bl:
+        rows.append(
+            (
+                "backlog: small recordings drained",
+                f"{bl['recordings_per_s']:.1f}/s",
+                f"{bl['settings']['recordings']} x {bl['settings']['recording_bytes']} B, target "
+                f">= {bl['target_per_s']:g}/s, {bl['cpu_seconds']['per_recording_ms']:.1f} "
+                "CPU-ms each",
+            )
+        )
     sk = results.get("soak")
     if sk is not None and "error" not in sk:
         for name, met in sk["targets"].items():
@@ -168,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", default="", metavar="ARGS", help="bench_replay args")
     parser.add_argument("--failover", default="", metavar="ARGS", help="bench_failover args")
     parser.add_argument("--soak", default="", metavar="ARGS", help="bench_soak args")
+    parser.add_argument("--backlog", default="", metavar="ARGS", help="bench_backlog args")
     args = parser.parse_args(argv)
     selected = args.only or list(BENCHES)
     options = {
@@ -176,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "replay": args.replay,
         "failover": args.failover,
         "soak": args.soak,
+        "backlog": args.backlog,
     }
     # Parse everything first: a typo should fail before minutes of benchmarking.
     parsed = {name: BENCHES[name][0](shlex.split(options[name])) for name in selected}

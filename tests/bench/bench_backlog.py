@@ -33,7 +33,13 @@ from typing import Any
 
 import redis
 
-from cefmp4.dev.localservers import JuiceFSGateway, RedisServer, S3Endpoint, SeaweedS3, make_s3_client
+from cefmp4.dev.localservers import (
+    JuiceFSGateway,
+    RedisServer,
+    S3Endpoint,
+    SeaweedS3,
+    make_s3_client,
+)
 from cefmp4.domain.events import FileSeen, MetadataWritten, StreamFailed
 from tests.bench.common import (
     PYTHON,
@@ -96,7 +102,7 @@ class _Counter:
             if not raw:
                 return self.done
             entries = raw[0][1]
-            for entry_id, fields in entries:
+            for _entry_id, fields in entries:
                 kind = fields.get(b"type")
                 if kind in _DONE_TYPES:
                     self.done += 1
@@ -193,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         profile_path = tmp / "service.prof"
         if args.profile:
             # cProfile writes its file when the service returns (SIGTERM is a clean exit).
-            service._command = [  # noqa: SLF001 - the bench's one way to wrap the interpreter
+            service._command = [  # the bench's one way to wrap the interpreter
                 PYTHON, "-m", "cProfile", "-o", str(profile_path), "-m", "cefmp4", "run",
             ]  # fmt: skip
         counter = _Counter(client, config.events_key)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cefmp4.adapters.eventlog import EventLog
-from cefmp4.adapters.leases import Fence, StreamGuard
+from cefmp4.adapters.leases import Fence, StreamLeases
 from cefmp4.adapters.metrics import Metrics
 from cefmp4.adapters.storage import ObjectStore
 from cefmp4.domain.config import Config
@@ -26,7 +26,7 @@ class Deps:
     events: EventLog
     projection: LiveProjection
     store: ObjectStore
-    locks: StreamGuard
+    stream_leases: StreamLeases
     metrics: Metrics
     now: Callable[[], datetime] = utcnow
 

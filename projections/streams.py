@@ -79,7 +79,10 @@ class Part(msgspec.Struct, frozen=True, gc=False):
     copied: bool = False  # copied inside the store from the continued object
 
 
-class Idle(msgspec.Struct, frozen=True, gc=False):
+class IdleReport(msgspec.Struct, frozen=True, gc=False):
+    """What the last ``StreamIdle`` said: the file's size and mtime when it
+    went quiet, why, and the MP4 verdict (``StreamState.idle``)."""
+
     size: int
     mtime_ns: int
     reason: IdleReason
@@ -113,7 +116,7 @@ class StreamState(msgspec.Struct, frozen=True, gc=False):
     # Never mutated in place: fold copies the dict, so every state value that
     # was ever handed out stays valid (snapshots, concurrent readers).
     parts: dict[int, Part] = msgspec.field(default_factory=dict)
-    idle: Idle | None = None
+    idle: IdleReport | None = None
     completion: Completion | None = None
     failure_reason: str | None = None
     failure_detail: str = ""
@@ -288,7 +291,7 @@ def fold(state: StreamState | None, event: Event) -> StreamState | None:
             )
             return replace(state, parts={**state.parts, event.part_number: part})
         case StreamIdle():
-            idle = Idle(event.size, event.mtime_ns, event.reason, event.mp4, event.mp4_reason)
+            idle = IdleReport(event.size, event.mtime_ns, event.reason, event.mp4, event.mp4_reason)
             return replace(state, status="idle", idle=idle)
     return state
 

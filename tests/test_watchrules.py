@@ -25,8 +25,8 @@ from cefmp4.domain.watchrules import (
     Forget,
     Gone,
     Grew,
-    Idle,
     Seen,
+    Stopped,
     Timing,
     Truncated,
     decide,
@@ -259,7 +259,7 @@ CASES: dict[str, Case] = {
         stream=stream(),
         quiet_for=1.0,
         verdict=COMPLETE,
-        expected=[Idle("settled")],
+        expected=[Stopped("settled")],
     ),
     "settled + complete, older idle sent": Case(
         current=file(),
@@ -267,7 +267,7 @@ CASES: dict[str, Case] = {
         quiet_for=1.0,
         verdict=COMPLETE,
         idle_sent=(SIZE - 1, MTIME - 1),
-        expected=[Idle("settled")],
+        expected=[Stopped("settled")],
     ),
     "quiet >= timeout, no verdict": Case(
         current=file(), stream=stream(), quiet_for=30.0, expected=[CheckMp4()]
@@ -329,7 +329,7 @@ for _v in (INCOMPLETE, FRAGMENTED, INVALID):
 for _v in VERDICTS:
     # The timeout ends every stream, whatever its content.
     CASES[f"timeout + {_v.status.value}"] = Case(
-        current=file(), stream=stream(), quiet_for=30.0, verdict=_v, expected=[Idle("timeout")]
+        current=file(), stream=stream(), quiet_for=30.0, verdict=_v, expected=[Stopped("timeout")]
     )
 
 
@@ -401,7 +401,7 @@ def variants(base: FileStat) -> list[FileStat]:
 def looks(draw: st.DrawFn) -> Look:
     # Inputs are drawn *relative to each other*: independent draws would almost
     # never produce "file equals the stream and quiet just below settle", which
-    # is exactly where a wrong Idle would hide. Half of the draws focus on a
+    # is exactly where a wrong Stopped would hide. Half of the draws focus on a
     # live, not-gone stream whose file is unchanged or barely changed.
     if draw(st.booleans()):
         state: StreamState | None = draw(live_streams)
@@ -448,7 +448,7 @@ def test_decide_invariants(look: Look) -> None:
     actions = decide(
         current, state, quiet_for=quiet_for, verdict=verdict, idle_sent=idle_sent, timing=timing
     )
-    if any(isinstance(a, Idle) for a in actions):
+    if any(isinstance(a, Stopped) for a in actions):
         # Finishing a stream whose file differs from what was uploaded, or that
         # has not been quiet for the settle time, would upload a torn file.
         assert current is not None and state is not None
@@ -460,8 +460,8 @@ def test_decide_invariants(look: Look) -> None:
         assert not state.terminal and state.gone is None
         # Early ("settled") only for a structurally complete file; otherwise
         # only after the full timeout.
-        assert (actions == [Idle("settled")] and verdict.status is Mp4Status.COMPLETE) or (
-            actions == [Idle("timeout")] and quiet_for >= timing.timeout
+        assert (actions == [Stopped("settled")] and verdict.status is Mp4Status.COMPLETE) or (
+            actions == [Stopped("timeout")] and quiet_for >= timing.timeout
         )
     if Grew() in actions:
         # Growth is reported only for a live stream whose file really differs.
@@ -553,8 +553,8 @@ def test_a_quiet_file_goes_idle(state: StreamState, verdict: Mp4Verdict, timing:
     quiet_for, actions = acted[0]
     if verdict.status is Mp4Status.COMPLETE:
         # (with settle == timeout the timeout rule comes first: also idle)
-        assert actions in ([Idle("settled")], [Idle("timeout")]), acted
+        assert actions in ([Stopped("settled")], [Stopped("timeout")]), acted
         assert quiet_for <= timing.settle
     else:
-        assert actions == [Idle("timeout")], acted
+        assert actions == [Stopped("timeout")], acted
         assert quiet_for <= timing.timeout

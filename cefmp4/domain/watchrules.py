@@ -22,7 +22,7 @@ Rules, in order:
 * grew or patched -> ``Grew``, coalesced: at once when a new whole part
   exists, otherwise when the file pauses;
 * quiet for ``settle`` and structurally complete, or quiet for ``timeout``
-  whatever the content -> ``Idle`` (once per (size, mtime) per process).
+  whatever the content -> ``Stopped`` (once per (size, mtime) per process).
 """
 
 from __future__ import annotations
@@ -64,11 +64,14 @@ class CheckMp4(msgspec.Struct, frozen=True):
     """Ask the caller to walk the MP4 boxes and decide again with the verdict."""
 
 
-class Idle(msgspec.Struct, frozen=True):
+class Stopped(msgspec.Struct, frozen=True):
+    """The recorder is done with the file (quiet and complete, or quiet past
+    the timeout): report ``StreamIdle`` so the finalizer ends the stream."""
+
     reason: Literal["settled", "timeout"]
 
 
-Action = Seen | Grew | Gone | Truncated | Forget | CheckMp4 | Idle
+Action = Seen | Grew | Gone | Truncated | Forget | CheckMp4 | Stopped
 
 
 class Timing(msgspec.Struct, frozen=True):
@@ -115,12 +118,12 @@ def decide(
     if idle_sent == (current.size, current.mtime_ns):
         return []
     if quiet_for >= timing.timeout:
-        return [CheckMp4()] if verdict is None else [Idle("timeout")]
+        return [CheckMp4()] if verdict is None else [Stopped("timeout")]
     if quiet_for >= timing.settle:
         if verdict is None:
             return [CheckMp4()]
         if verdict.status is Mp4Status.COMPLETE:
-            return [Idle("settled")]
+            return [Stopped("settled")]
     return []
 
 

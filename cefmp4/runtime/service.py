@@ -28,7 +28,7 @@ from cefmp4.adapters.archive import EventArchive, archive_through
 from cefmp4.adapters.blocked import Blocked
 from cefmp4.adapters.clients import redis_client, s3_client
 from cefmp4.adapters.eventlog import EventLog, call_redis
-from cefmp4.adapters.leases import Fence, Lease, StreamGuard
+from cefmp4.adapters.leases import Fence, Lease, StreamLeases
 from cefmp4.adapters.metrics import Metrics
 from cefmp4.adapters.retry import transient
 from cefmp4.adapters.s3store import S3Store
@@ -102,7 +102,7 @@ class Service:
             events=events,
             projection=projection,
             store=store,
-            locks=StreamGuard(
+            stream_leases=StreamLeases(
                 redis,
                 key_prefix=config.redis_key_prefix,
                 events_key=config.events_key,

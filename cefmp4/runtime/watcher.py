@@ -86,8 +86,8 @@ from cefmp4.domain.watchrules import (
     Forget,
     Gone,
     Grew,
-    Idle,
     Seen,
+    Stopped,
     Timing,
     Truncated,
     decide,
@@ -524,7 +524,7 @@ class Watcher:
                 return FileTruncated(
                     stream_id=known.stream_id, at=now, path=path, size=current.size
                 )
-            case Idle(reason=reason), FileStat(), StreamState() if verdict is not None:
+            case Stopped(reason=reason), FileStat(), StreamState() if verdict is not None:
                 self._idle_sent[path] = (current.size, current.mtime_ns)
                 return StreamIdle(
                     stream_id=known.stream_id,

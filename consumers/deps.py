@@ -22,6 +22,17 @@ def utcnow() -> datetime:
 
 @dataclass(frozen=True)
 class Deps:
+    """What a worker is handed.
+
+    :param config: the parsed, immutable Config.
+    :param events: the event log (plain appends; fenced ones go through a Fence).
+    :param projection: the live fold of the log.
+    :param store: the object store.
+    :param stream_leases: one actor per stream (``StreamLeases.hold``).
+    :param metrics: the process's Prometheus metrics.
+    :param now: the wall clock of events.
+    """
+
     config: Config
     events: EventLog
     projection: LiveProjection

@@ -82,6 +82,13 @@ def unchanged_in(continues: Continues | None, span: Span, md5_hex: str) -> bool:
 
 
 class Uploads:
+    """The multipart mechanics the uploader and the finalizer share (see the
+    module docstring); one per process, since it remembers which uploads were
+    reconciled.
+
+    :param deps: config, store, projection, stream leases and metrics.
+    """
+
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
         self._reconciled: set[tuple[str, str]] = set()

@@ -76,6 +76,15 @@ class LeaseBusy(TransientError):
 
 
 class Lease:
+    """One lease key in Redis (see the module docstring).
+
+    :param redis: where the key lives.
+    :param key: the lease key, e.g. ``<prefix>:lease:watcher``.
+    :param owner: this replica's name, the start of every token.
+    :param ttl: seconds the lease lasts unless renewed.
+    :param monotonic: the local clock that says when an unrenewed lease is lost.
+    """
+
     def __init__(
         self,
         redis: aioredis.Redis,

@@ -65,6 +65,20 @@ async def connect(config: Config) -> AsyncIterator[tuple[aioredis.Redis, ObjectS
 
 
 class Service:
+    """One CefMP4 process: the adapters, the projection, the watcher and the
+    consumer groups wired together (see the module docstring); ``start`` then
+    ``run(stop)``.
+
+    :param config: the parsed, immutable Config.
+    :param redis: the client every Redis user of the process shares.
+    :param store: the object store (wrapped so its calls wait while the
+        deployment is blocked).
+    :param registry: where the process's Prometheus metrics are registered.
+    :param now: the wall clock of events and metrics (injected by tests).
+    :param health: the liveness/readiness state the HTTP server reports; a
+        new one when not given.
+    """
+
     def __init__(
         self,
         config: Config,

@@ -60,6 +60,19 @@ class Handler(Protocol):
 
 
 class GroupConsumer:
+    """One consumer group's worker for ``handler`` (see the module docstring).
+
+    :param events: the event log it reads, acknowledges and claims from.
+    :param handler: what acts on the group's messages; its ``group`` names
+        the consumer group and ``wants`` the event types it handles.
+    :param consumer: this replica's consumer name within the group.
+    :param fail: ends a stream whose handler failed for good (``failer``).
+    :param metrics: where handled messages and errors are counted.
+    :param concurrency: messages handled at once.
+    :param claim_idle_seconds: how long a message stays pending before a
+        claim pass takes it over (``CLAIM_IDLE_SECONDS``).
+    """
+
     def __init__(
         self,
         events: EventLog,

@@ -86,8 +86,8 @@ from cefmp4.domain.watchrules import (
     Forget,
     Gone,
     Grew,
-    Idle,
     Seen,
+    Stopped,
     Timing,
     Truncated,
     decide,
@@ -467,12 +467,11 @@ class Watcher:
                 break
             verdict = await self._verdict(path, sig)
         for action in actions:
-            event = self._event_for(path, action, current, known, verdict)
+            event = self._event_for(path, action)
             if event is not None:
                 await self._deps.emit(event, self._fence)
                 if isinstance(action, Seen | Forget):
                     await self._deps.projection.catch_up()
-                known = self._known(path)
         if current is None or self._deps.projection.state.for_path(path) is None:
             # Only open streams need this process's memory of the path.
             for table in (self._sig, self._changed_at, self._idle_sent, self._verdicts):
@@ -489,53 +488,43 @@ class Watcher:
         self._verdicts[path] = (sig, verdict)
         return verdict
 
-    def _event_for(
-        self,
-        path: str,
-        action: Action,
-        current: FileStat | None,
-        known: StreamState | FileRecord | None,
-        verdict: mp4.Mp4Verdict | None,
-    ) -> Event | None:
-        """The event that reports ``action``; None when the inputs it needs
-        are missing (decide never asks for that; this keeps the types honest)."""
+    def _event_for(self, path: str, action: Action) -> Event | None:
+        """The event that reports ``action``; None for ``CheckMp4``, which
+        ``_look_at`` answers before it acts."""
         now = self._deps.now()
-        match action, current, known:
-            case Seen(continues=continues), FileStat(), _:
-                return self._seen(path, current, now, continues)
-            case Forget(), None, FileRecord():
-                log.debug("finished recording left the disk", path=path, stream_id=known.stream_id)
-                return FileDeleted(stream_id=known.stream_id, at=now, path=path)
-            case Gone(), None, StreamState():
-                log.info(
-                    "recording deleted before completion", path=path, stream_id=known.stream_id
-                )
-                return FileDeleted(stream_id=known.stream_id, at=now, path=path)
-            case Grew(), FileStat(), StreamState():
+        match action:
+            case Seen(stat=stat, continues=continues):
+                return self._seen(path, stat, now, continues)
+            case Forget(stream_id=stream_id):
+                log.debug("finished recording left the disk", path=path, stream_id=stream_id)
+                return FileDeleted(stream_id=stream_id, at=now, path=path)
+            case Gone(stream_id=stream_id):
+                log.info("recording deleted before completion", path=path, stream_id=stream_id)
+                return FileDeleted(stream_id=stream_id, at=now, path=path)
+            case Grew(stream_id=stream_id, stat=stat):
                 return BytesAvailable(
-                    stream_id=known.stream_id, at=now, size=current.size, mtime_ns=current.mtime_ns
+                    stream_id=stream_id, at=now, size=stat.size, mtime_ns=stat.mtime_ns
                 )
-            case Truncated(), FileStat(), StreamState():
+            case Truncated(stream_id=stream_id, size=size):
                 log.warning(
                     "recording truncated or replaced; its content becomes a new stream",
                     path=path,
-                    stream_id=known.stream_id,
+                    stream_id=stream_id,
                 )
-                return FileTruncated(
-                    stream_id=known.stream_id, at=now, path=path, size=current.size
-                )
-            case Idle(reason=reason), FileStat(), StreamState() if verdict is not None:
-                self._idle_sent[path] = (current.size, current.mtime_ns)
+                return FileTruncated(stream_id=stream_id, at=now, path=path, size=size)
+            case Stopped(stream_id=stream_id, stat=stat, reason=reason, verdict=verdict):
+                self._idle_sent[path] = (stat.size, stat.mtime_ns)
                 return StreamIdle(
-                    stream_id=known.stream_id,
+                    stream_id=stream_id,
                     at=now,
-                    size=current.size,
-                    mtime_ns=current.mtime_ns,
+                    size=stat.size,
+                    mtime_ns=stat.mtime_ns,
                     reason=reason,
                     mp4=verdict.status.value,
                     mp4_reason=verdict.reason,
                 )
-        return None
+            case CheckMp4():
+                return None
 
     def _seen(
         self, path: str, current: FileStat, now: datetime, continues: Continues | None

@@ -96,15 +96,20 @@ def proc_status_kib(pid: int) -> dict[str, int]:
     return values
 
 
-def _cpu_seconds(stat_path: Path) -> float:
+def _cpu_seconds(stat_path: Path, *, children: bool = False) -> float:
     fields = stat_path.read_text().rpartition(")")[2].split()
-    # fields[0] is the state (field 3 of proc(5)); utime, stime are fields 14, 15.
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    # fields[0] is the state (field 3 of proc(5)); utime, stime are fields 14, 15;
+    # cutime, cstime (children the process has waited for) are 16, 17.
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / _CLK_TCK
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of the whole process (all threads, live or ended)."""
-    return _cpu_seconds(Path(f"/proc/{pid}/stat"))
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """User + system CPU of the whole process (all threads, live or ended);
+    with ``children``, plus every child it has reaped (the service's ffprobe)."""
+    return _cpu_seconds(Path(f"/proc/{pid}/stat"), children=children)
 
 
 def children_cpu_seconds(pid: int) -> float:
@@ -117,6 +122,31 @@ def children_cpu_seconds(pid: int) -> float:
 def main_thread_cpu_seconds(pid: int) -> float:
     """CPU of the main thread only: for the service, its asyncio event loop."""
     return _cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
+
+
+# -- passing settings through to the service -----------------------------------
+
+
+def env_pair(text: str) -> tuple[str, str]:
+    """``KEY=VAL`` for ``--service-env``: an argparse ``type``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or key != key.strip():
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def known_env_names() -> set[str]:
+    """The environment names the service's Config reads (upper-cased fields).
+
+    Lets a bench say whether a ``--service-env`` setting means anything to the
+    service it runs: a name it does not know is ignored by the service, which
+    would make a "ceiling" run silently the same as the normal one.
+    """
+    import msgspec
+
+    from cefmp4.domain.config import Config
+
+    return {f.encode_name for f in msgspec.structs.fields(Config)}
 
 
 # -- py-spy -------------------------------------------------------------------

@@ -54,43 +54,62 @@ def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     tp = results.get("throughput")
     if tp is not None and "error" not in tp:
-        svc, aws, st = tp["service"], tp["aws_cli"], tp["settings"]
-        rows += [
+        svc, st, q = tp["service"], tp["settings"], tp["ratios"]
+        rows.append(
             (
-                "throughput: service (busy)",
-                f"{svc['busy_mib_per_s']:.1f} MiB/s",
-                f"{st['size_mib']} MiB / (StreamCompleted - FileSeen - idle wait "
-                f"{svc['idle_wait_seconds']:.2f} s)",
-            ),
-            (
-                "throughput: service (end-to-end)",
-                f"{svc['end_to_end_mib_per_s']:.1f} MiB/s",
-                f"{svc['end_to_end_seconds']:.2f} s FileSeen -> StreamCompleted incl. idle wait",
-            ),
-        ]
-        if aws is not None:
-            rows += [
+                "throughput: service",
+                f"{svc['mib_per_s']:.1f} MiB/s",
+                f"{st['size_mib']} MiB, FileSeen -> sidecar written; "
+                f"{svc['cpu_seconds_per_gib']:.2f} CPU-s/GiB, gateway "
+                f"{svc['gateway_cpu_seconds_per_gib']:.2f}",
+            )
+        )
+        ceiling = tp.get("ceiling")
+        if ceiling is not None:
+            unknown = ceiling["env_unknown_to_service"]
+            rows.append(
                 (
-                    "throughput: aws s3 cp",
-                    f"{aws['mib_per_s']:.1f} MiB/s",
-                    f"{aws['wall_seconds']:.2f} s wall incl. CLI start-up, "
-                    f"{aws['chunk_mib']} MiB x {aws['max_concurrent_requests']}",
-                ),
+                    "throughput: ceiling (no hashing)",
+                    f"{ceiling['mib_per_s']:.1f} MiB/s",
+                    f"{ceiling['cpu_seconds_per_gib']:.2f} CPU-s/GiB"
+                    + (f"; service ignores {unknown}" if unknown else ""),
+                )
+            )
+        for peer in tp["peers"].values():
+            rows.append(
                 (
-                    "throughput: aws s3 cp (no start-up)",
-                    f"{aws['mib_per_s_excluding_startup']:.1f} MiB/s",
-                    f"minus {aws['cli_startup_seconds']:.2f} s for `aws s3 ls`",
-                ),
-            ]
-        bound = svc["parts_in_flight_bound_mib"]
+                    f"throughput: {peer['label']}",
+                    f"{peer['mib_per_s']:.1f} MiB/s",
+                    f"{peer['cpu_seconds_per_gib']:.2f} CPU-s/GiB, gateway "
+                    f"{peer['gateway_cpu_seconds_per_gib']:.2f}; start-up "
+                    f"{peer['startup_seconds']:.2f} s included",
+                )
+            )
+        if "speed_vs_best_peer" in q:
+            rows.append(
+                (
+                    "throughput: service / best peer",
+                    f"{q['speed_vs_best_peer']:.2f}",
+                    f"MiB/s vs {q['best_peer']}; target >= {q['speed_target']}: "
+                    f"{'met' if q['speed_met'] else 'MISSED'}",
+                )
+            )
+        if "cpu_vs_aws" in q:
+            rows.append(
+                (
+                    "throughput: service / aws CPU",
+                    f"{q['cpu_vs_aws']:.2f}",
+                    f"CPU-s per GiB; target <= {q['cpu_target']}: "
+                    f"{'met' if q['cpu_met'] else 'MISSED'}",
+                )
+            )
         rows.append(
             (
                 "service peak RSS (VmHWM)",
                 f"{svc['peak_rss_mib']:.0f} MiB",
-                f"{svc['baseline_rss_mib']:.0f} MiB idle; parts in flight "
+                f"{svc['baseline_rss_mib']:.0f} MiB idle; target <= 100 MiB + parts in flight "
                 f"{st['PART_CONCURRENCY']} x {st['CHUNK_SIZE_BYTES'] // 2**20} MiB = "
-                f"{bound['one_stream']} MiB (x{st['MAX_CONCURRENT_STREAMS']} streams = "
-                f"{bound['all_streams']} MiB)",
+                f"{q['rss_limit_mib']} MiB: {'met' if q['rss_met'] else 'MISSED'}",
             )
         )
         rows.append(("throughput: verified", "yes" if tp["ok"] else "NO", "HEAD size + ETag"))

@@ -23,8 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import redis
 
+from cefmp4.domain.config import Config
 from cefmp4.domain.events import Event, decode
 
 MiB = 1024 * 1024
@@ -142,10 +144,6 @@ def known_env_names() -> set[str]:
     service it runs: a name it does not know is ignored by the service, which
     would make a "ceiling" run silently the same as the normal one.
     """
-    import msgspec
-
-    from cefmp4.domain.config import Config
-
     return {f.encode_name for f in msgspec.structs.fields(Config)}
 
 

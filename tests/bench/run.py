@@ -5,12 +5,13 @@
     .venv/bin/python -m tests.bench.run --throughput="--size-mib 256 --chunk-mib 16" \\
         --latency="--runs 3 --s3 juicefs" --replay="--events 200000 --streams 2000"
 
-Options inside ``--throughput`` / ``--latency`` / ``--replay`` / ``--failover`` are those of
-``python -m tests.bench.bench_throughput --help`` / ``bench_latency --help`` /
-``bench_replay --help`` (and ``--soak``: ``bench_soak --help``; ``--backlog``:
-``bench_backlog --help``, e.g. ``--backlog="--recordings 300 --profile"``). Each bench
+Options inside ``--throughput`` / ``--latency`` / ``--cameras`` / ``--replay`` /
+``--failover`` are those of ``python -m tests.bench.bench_throughput --help`` /
+``bench_latency --help`` / ``bench_cameras --help`` / ``bench_replay --help`` (and
+``--soak``: ``bench_soak --help``; ``--backlog``: ``bench_backlog --help``, e.g.
+``--backlog="--recordings 300 --profile"``). Each bench
 starts its own throwaway Redis (and, where it needs one, S3 server) under a
-temp dir and takes well under three minutes on 2 cores, except the soak bench
+temp dir and takes three minutes or less on 2 cores, except the soak bench
 at its default (year-scale) size: about ten. The JSON of everything goes to
 ``.cefmp4/bench/results.json`` (relative to the repo root).
 """
@@ -26,6 +27,7 @@ from typing import Any
 
 from tests.bench import (
     bench_backlog,
+    bench_cameras,
     bench_failover,
     bench_latency,
     bench_replay,
@@ -42,6 +44,7 @@ Bench = tuple[
 BENCHES: dict[str, Bench] = {
     "throughput": (bench_throughput.parse_args, bench_throughput.run, bench_throughput.report),
     "latency": (bench_latency.parse_args, bench_latency.run, bench_latency.report),
+    "cameras": (bench_cameras.parse_args, bench_cameras.run, bench_cameras.report),
     "replay": (bench_replay.parse_args, bench_replay.run, bench_replay.report),
     "failover": (bench_failover.parse_args, bench_failover.run, bench_failover.report),
     "soak": (bench_soak.parse_args, bench_soak.run, bench_soak.report),
@@ -129,6 +132,26 @@ def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
             )
             rows.append((f"latency {kind}: max", f"{k['max_s']:.3f} s", ""))
         rows.append(("latency: verified", "yes" if lat["ok"] else "NO", "sidecar size + sha256"))
+    cam = results.get("cameras")
+    if cam is not None and "error" not in cam:
+        s = cam["settings"]
+        rows += [
+            (
+                "cameras: service CPU",
+                f"{cam['service_cpu_percent_of_core']:.1f} %",
+                f"of a core, {s['cameras']} x {s['mbit_per_s']:g} Mbit/s steady recording; "
+                f"target <= {cam['cpu_target_percent']:g} %: "
+                f"{'met' if cam['cpu_met'] else 'MISSED'}",
+            ),
+            (
+                "cameras: close -> sidecar max",
+                f"{cam['close_to_sidecar_max_s']:.3f} s",
+                f"p50 {cam['close_to_sidecar_p50_s']:.3f} s, all {s['cameras']} closing within "
+                f"{s['close_spread_s']:g} s; target <= {cam['delay_target_max_s']:g} s: "
+                f"{'met' if cam['delay_met'] else 'MISSED'}",
+            ),
+            ("cameras: verified", "yes" if cam["ok"] else "NO", "sidecar size + sha256"),
+        ]
     rp = results.get("replay")
     if rp is not None and "error" not in rp:
         cu, t = rp["catch_up"], rp["targets"]
@@ -202,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=sorted(BENCHES), action="append")
     parser.add_argument("--throughput", default="", metavar="ARGS", help="bench_throughput args")
     parser.add_argument("--latency", default="", metavar="ARGS", help="bench_latency args")
+    parser.add_argument("--cameras", default="", metavar="ARGS", help="bench_cameras args")
     parser.add_argument("--replay", default="", metavar="ARGS", help="bench_replay args")
     parser.add_argument("--failover", default="", metavar="ARGS", help="bench_failover args")
     parser.add_argument("--soak", default="", metavar="ARGS", help="bench_soak args")
@@ -211,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {
         "throughput": args.throughput,
         "latency": args.latency,
+        "cameras": args.cameras,
         "replay": args.replay,
         "failover": args.failover,
         "soak": args.soak,

@@ -59,6 +59,7 @@ from tests.bench.common import (
     known_env_names,
     percentile,
     read_events,
+    running,
     ts,
     wait_for,
 )
@@ -206,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.callback(client.close)
         service = ServiceProcess(config, tmp / "service.log", workdir=tmp / "service-cwd")
         service.env.update(dict(args.service_env))
-        with service:
+        with running(service):
             pid = service.pid
             t0 = time.monotonic() + 0.5
             cams = [

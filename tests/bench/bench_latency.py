@@ -71,6 +71,7 @@ from tests.bench.common import (
     of_stream,
     percentile,
     read_events,
+    running,
     ts,
     wait_for,
 )
@@ -311,7 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         service = ServiceProcess(config, tmp / "service.log", workdir=tmp / "service-cwd")
         service.env.update(dict(args.service_env))
         kinds: dict[str, dict[str, Any]] = {}
-        with service:
+        with running(service):
             for kind, source in sources.items():
                 sha = hashlib.sha256(source.read_bytes()).hexdigest()
                 ctx = _Context(kind, source, sha, watch, client, config.events_key, s3)

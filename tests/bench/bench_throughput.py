@@ -77,6 +77,7 @@ from tests.bench.common import (
     of_stream,
     proc_status_kib,
     read_events,
+    start_service,
     summarize_profile,
     tool_version,
     ts,
@@ -240,7 +241,7 @@ def _service_phase(
     known = known_env_names()
     profiler: PySpy | None = None
     try:
-        service.start(ready_timeout=30)
+        start_service(service)
         pid = service.pid
         baseline_rss = proc_status_kib(pid)["VmRSS"]
         cpu0 = cpu_seconds(pid, children=True)

@@ -28,6 +28,7 @@ import redis
 
 from cefmp4.domain.config import Config
 from cefmp4.domain.events import Event, decode
+from tests.harness import ServiceProcess
 
 MiB = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +61,25 @@ def wait_for(
 
 
 # -- the service as a subprocess ---------------------------------------------
+
+
+def start_service(service: ServiceProcess, ready_timeout: float = 30) -> None:
+    """Start it, or a BenchError saying why not (e.g. a ``--service-env`` it rejects)."""
+    try:
+        service.start(ready_timeout=ready_timeout)
+    except RuntimeError as exc:
+        service.stop()
+        raise BenchError(f"the service did not start: {exc}") from None
+
+
+@contextlib.contextmanager
+def running(service: ServiceProcess) -> Iterator[ServiceProcess]:
+    """``with running(service):`` like ``with service:``, failing as a BenchError."""
+    start_service(service)
+    try:
+        yield service
+    finally:
+        service.stop()
 
 
 # -- the event log ------------------------------------------------------------

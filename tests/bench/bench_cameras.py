@@ -60,6 +60,7 @@ from tests.bench.common import (
     percentile,
     read_events,
     running,
+    sha256_matches,
     ts,
     wait_for,
 )
@@ -264,7 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             doc = json.loads(s3.get_object(Bucket=BUCKET, Key=meta.key)["Body"].read())
             checks = {
                 "size_ok": doc.get("total_size_bytes") == size,
-                "sha256_ok": doc.get("sha256") == sha256,
+                "sha256_ok": sha256_matches(doc.get("sha256"), sha256),
                 "mp4_complete": doc.get("mp4_complete") is True,
                 "metadata_ok": meta.error is None,
             }
@@ -273,6 +274,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "file": cam.dst.name,
                     "close_to_sidecar_s": round(ts(meta.at) - cam.closed_at, 3),
                     "checks": checks,
+                    "sidecar_sha256": bool(doc.get("sha256")),
+                    "sidecar_checksum": (doc.get("checksum") or {}).get("algorithm"),
                     "ok": all(checks.values()),
                 }
             )

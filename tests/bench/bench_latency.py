@@ -72,6 +72,7 @@ from tests.bench.common import (
     percentile,
     read_events,
     running,
+    sha256_matches,
     ts,
     wait_for,
 )
@@ -213,7 +214,7 @@ def _one_run(args: argparse.Namespace, index: int, ctx: _Context) -> dict[str, A
     doc = json.loads(s3.get_object(Bucket=BUCKET, Key=sidecar_key)["Body"].read())
     checks = {
         "size_ok": doc.get("total_size_bytes") == size,
-        "sha256_ok": doc.get("sha256") == ctx.source_sha256,
+        "sha256_ok": sha256_matches(doc.get("sha256"), ctx.source_sha256),
     }
     if ctx.kind == "complete":
         checks["mp4_complete"] = doc.get("mp4_complete") is True
@@ -235,6 +236,9 @@ def _one_run(args: argparse.Namespace, index: int, ctx: _Context) -> dict[str, A
         ),
         "duration_seconds": doc.get("duration_seconds"),
         "mp4": completed.mp4,
+        "idle_cause": getattr(idle, "cause", None),
+        "sidecar_checksum": (doc.get("checksum") or {}).get("algorithm"),
+        "sidecar_sha256": bool(doc.get("sha256")),
         "checks": checks,
         "ok": all(checks.values()),
     }
@@ -265,7 +269,10 @@ def _summary(kind: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
             "idle_to_completed": median("idle_to_completed_s"),
             "completed_to_sidecar_visible": median("completed_to_sidecar_visible_s"),
         },
-        "idle_reasons": sorted({r["idle_reason"] for r in runs}),
+        # The reason, and with the close fast path its cause ("settled/close").
+        "idle_reasons": sorted(
+            {"/".join(str(x) for x in (r["idle_reason"], r["idle_cause"]) if x) for r in runs}
+        ),
         "runs": runs,
     }
 

@@ -77,6 +77,7 @@ from tests.bench.common import (
     of_stream,
     proc_status_kib,
     read_events,
+    sha256_matches,
     start_service,
     summarize_profile,
     tool_version,
@@ -462,8 +463,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "size_ok": got_size == size,
                 "etag": got_etag,
                 "etag_ok": got_etag == service_plan.etag() == run_["etag"],
-                # The ceiling, told not to hash, may have no SHA-256 to compare.
-                "sha256_ok": run_["sha256"] == sha256 or (who == "ceiling" and not run_["sha256"]),
+                "sha256_ok": sha256_matches(run_["sha256"], sha256),
+                "sha256_checked": bool(run_["sha256"]),
             }
         for name, plan in peer_plans.items():
             got_size, got_etag = _head(s3, BUCKET, peers[name]["key"])

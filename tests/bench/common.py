@@ -321,6 +321,13 @@ def hash_file(path: Path, plans: Sequence[PartHasher]) -> str:
     return whole.hexdigest()
 
 
+def sha256_matches(got: str | None, expected: str) -> bool:
+    """A SHA-256 the service reported is right; none at all is allowed, because
+    the service computes one only with SIDECAR_SHA256 (the object then carries
+    the store-verified checksum instead, and its ETag is checked on its own)."""
+    return not got or got == expected
+
+
 def fixed_parts(size: int, part: int) -> list[int]:
     return [min(part, size - off) for off in range(0, size, part)] or [0]
 

@@ -398,8 +398,15 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def headline(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        kind: {"p50_s": k["p50_s"], "max_s": k["max_s"], "met": k["target_met"]}
+        for kind, k in r["kinds"].items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
-    return bench_main("latency", parse_args, run, report, argv)
+    return bench_main("latency", parse_args, run, report, argv, headline)
 
 
 if __name__ == "__main__":

@@ -609,8 +609,30 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def headline(r: dict[str, Any]) -> dict[str, Any]:
+    """The figures issue 8 asks for, in one flat dict."""
+    svc, q = r["service"], r["ratios"]
+    out: dict[str, Any] = {
+        "size_mib": r["settings"]["size_mib"],
+        "mib_per_s": {"service": svc["mib_per_s"]},
+        "cpu_s_per_gib": {"service": svc["cpu_seconds_per_gib"]},
+        "server_cpu_s_per_gib": {"service": svc["gateway_cpu_seconds_per_gib"]},
+    }
+    others = dict(r["peers"])
+    if r["ceiling"] is not None:
+        others = {"ceiling": r["ceiling"], **others}
+    for name, x in others.items():
+        out["mib_per_s"][name] = x["mib_per_s"]
+        out["cpu_s_per_gib"][name] = x["cpu_seconds_per_gib"]
+        out["server_cpu_s_per_gib"][name] = x["gateway_cpu_seconds_per_gib"]
+    keys = ("speed_vs_best_peer", "speed_met", "cpu_vs_aws", "cpu_met", "rss_met")
+    out.update({k: q[k] for k in keys if k in q})
+    out.update(peak_rss_mib=svc["peak_rss_mib"], rss_limit_mib=q["rss_limit_mib"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    return bench_main("throughput", parse_args, run, report, argv)
+    return bench_main("throughput", parse_args, run, report, argv, headline)
 
 
 if __name__ == "__main__":

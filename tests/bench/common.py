@@ -400,8 +400,13 @@ def bench_main(
     run: Callable[[Any], dict[str, Any]],
     report: Callable[[dict[str, Any]], str],
     argv: list[str] | None = None,
+    headline: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> int:
-    """``python -m tests.bench.bench_<name>``: run one bench, print, write JSON."""
+    """``python -m tests.bench.bench_<name>``: run one bench, print, write JSON.
+
+    With ``headline``, its figures are also printed as one JSON line
+    (``RESULT {...}``), for pasting into notes and for grep.
+    """
     args = parse_args(argv)
     try:
         result = run(args)
@@ -416,5 +421,8 @@ def bench_main(
     }
     print(f"command: {payload['command']}")
     print(report(result))
+    if headline is not None:
+        line = {"bench": name, "ok": result["ok"], **headline(result)}
+        print("RESULT " + json.dumps(line, separators=(",", ":")))
     print(f"JSON: {write_json(f'{name}.json', payload)}")
     return 0 if result["ok"] else 1

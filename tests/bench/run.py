@@ -19,6 +19,7 @@ at its default (year-scale) size: about ten. The JSON of everything goes to
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -49,6 +50,12 @@ BENCHES: dict[str, Bench] = {
     "failover": (bench_failover.parse_args, bench_failover.run, bench_failover.report),
     "soak": (bench_soak.parse_args, bench_soak.run, bench_soak.report),
     "backlog": (bench_backlog.parse_args, bench_backlog.run, bench_backlog.report),
+}
+# One JSON line of the headline figures, where a bench defines them.
+HEADLINES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "throughput": bench_throughput.headline,
+    "latency": bench_latency.headline,
+    "cameras": bench_cameras.headline,
 }
 
 
@@ -277,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         + ("  <- other work was running: figures are noisy, compare runs" if busy else "")
     )
     print(table(summary(results)))
+    line = {
+        name: {"ok": r["ok"], **HEADLINES[name](r)}
+        for name, r in results.items()
+        if name in HEADLINES and "error" not in r
+    }
+    print("  RESULT " + json.dumps(line, separators=(",", ":")))
     print(f"  JSON: {path}")
     return 0 if all(r.get("ok") for r in results.values()) else 1
 

@@ -60,6 +60,10 @@ class Config(
     )
     stream_timeout_seconds: PositiveFloat = 30.0
     settle_seconds: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    # After the writer closed a file (or renamed it into place; inotify, Linux
+    # only), how long it must stay unchanged before a structurally complete
+    # file is finalized: covers writers that close and reopen to append.
+    close_guard_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.2
     # The safety net for missed notifications: a full walk + stat of WATCH_DIR
     # (about 0.4 CPU-s per 100k files, so not every few seconds on a recorder box).
     rescan_interval_seconds: PositiveFloat = 60.0

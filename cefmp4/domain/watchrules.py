@@ -3,10 +3,11 @@
 Inputs are the file's current stat, what the projection knows of the path
 (its newest open stream, or the record of its finished recording), how long
 the file has been quiet (as seen by this watcher), the MP4 verdict if it was
-computed, and which (size, mtime) this process already
-reported idle. The output is a list of actions the watcher turns into events;
-each carries what its event needs (the stream, the stat, the verdict), so the
-watcher reports it without looking anything up again.
+computed, whether the writer closed the file (and how long ago), and which
+(size, mtime) this process already reported idle. The output is a list of
+actions the watcher turns into events; each carries what its event needs (the
+stream, the stat, the verdict), so the watcher reports it without looking
+anything up again.
 Keeping this pure makes the rules testable exhaustively, and keeps the watcher
 level-triggered: it never needs to remember what it emitted before a restart,
 because the projection says it.
@@ -23,8 +24,16 @@ Rules, in order:
 * shrank or replaced (new inode) while live -> ``Truncated`` + ``Seen``;
 * grew or patched -> ``Grew``, coalesced: at once when a new whole part
   exists, otherwise when the file pauses;
+* closed by its writer (or moved into place) ``close_guard`` ago, unchanged
+  since, and finished by its structure (``mp4.complete_when_closed``: a
+  complete MP4, or a fragmented one ending with its ``mfra``) -> ``Stopped``
+  with cause ``closed``, at once rather than after ``settle``;
 * quiet for ``settle`` and structurally complete, or quiet for ``timeout``
   whatever the content -> ``Stopped`` (once per (size, mtime) per process).
+
+A close is the same decision as quiet time, only earlier: it yields the same
+``Stopped`` action, and a close that does not prove the file finished leaves
+it to the quiet-time rules.
 """
 
 from __future__ import annotations
@@ -33,9 +42,9 @@ from typing import Literal
 
 import msgspec
 
-from cefmp4.domain.events import Continues
+from cefmp4.domain.events import Continues, IdleCause
 from cefmp4.domain.filerules import FileStat
-from cefmp4.domain.mp4 import Mp4Status, Mp4Verdict
+from cefmp4.domain.mp4 import Mp4Status, Mp4Verdict, complete_when_closed
 from cefmp4.domain.partplan import whole_part_count
 from projections.streams import FileRecord, StreamState, record_of
 
@@ -79,13 +88,15 @@ class CheckMp4(msgspec.Struct, frozen=True):
 
 
 class Stopped(msgspec.Struct, frozen=True):
-    """The recorder is done with the file (quiet and complete, or quiet past
-    the timeout): report ``StreamIdle`` so the finalizer ends the stream."""
+    """The recorder is done with the file (quiet and complete, quiet past the
+    timeout, or closed and finished: ``cause``): report ``StreamIdle`` so the
+    finalizer ends the stream."""
 
     stream_id: str
     stat: FileStat
     reason: Literal["settled", "timeout"]
     verdict: Mp4Verdict
+    cause: IdleCause = "quiet"
 
 
 Action = Seen | Grew | Gone | Truncated | Forget | CheckMp4 | Stopped
@@ -99,6 +110,8 @@ class Timing(msgspec.Struct, frozen=True):
     # file paused for `coalesce` seconds. chunk=0 reports every change.
     chunk: int = 0
     coalesce: float = 0.0
+    # How long a closed file must stay unchanged before its close counts.
+    close_guard: float = 0.2
 
 
 def decide(
@@ -109,7 +122,13 @@ def decide(
     verdict: Mp4Verdict | None,
     idle_sent: tuple[int, int] | None,
     timing: Timing,
+    closed_for: float | None = None,
+    mfra: bool = False,
 ) -> list[Action]:
+    """``closed_for``: seconds since the writer closed the file (or moved it
+    in), None when it did not or the file changed since; ``mfra``: the file
+    ends with a complete ``mfra`` (``mp4.ends_with_mfra``; only read with a
+    FRAGMENTED verdict)."""
     if isinstance(stream, StreamState) and stream.terminal:
         # A terminal stream speaks for its file the way its record does.
         stream = None if stream.gone == "deleted" else record_of(stream)
@@ -134,6 +153,11 @@ def decide(
         return [Grew(stream.stream_id, current)] if new_part else []
     if idle_sent == (current.size, current.mtime_ns):
         return []
+    if closed_for is not None and closed_for >= timing.close_guard:
+        if verdict is None:
+            return [CheckMp4()]
+        if complete_when_closed(verdict, mfra):
+            return [Stopped(stream.stream_id, current, "settled", verdict, "closed")]
     if quiet_for >= timing.timeout:
         if verdict is None:
             return [CheckMp4()]

@@ -26,6 +26,7 @@ from cefmp4.adapters import closes
 from cefmp4.domain.events import StreamIdle
 from projections.streams import StreamState
 from tests import mp4gen
+from tests.gateproxy import GateProxy
 from tests.harness import Harness, History, objects, open_uploads, running
 from tests.test_pipeline import assert_clean, assert_stored
 
@@ -206,6 +207,43 @@ async def test_append_after_the_close_decision(
               if not k.endswith(".metadata.json")}  # fmt: skip
     assert set(stored.values()) <= {first, whole}, "an object is neither close's file"
     assert open_uploads(s3_client, bucket) == []
+
+
+async def test_append_while_the_finalizer_works_is_one_object(
+    make_config: Any,
+    watch: Path,
+    sources: mp4gen.Mp4Sources,
+    s3_endpoint: Any,
+    s3_client: Any,
+    bucket: str,
+) -> None:
+    """The writer reopens and appends after the close made the stream idle,
+    while the finalizer is sending the tail (held at a gate): the finalizer
+    sees the file changed before it completes and stands down, the next
+    close finishes the whole file. One object, byte-exact."""
+    first = sources.large.read_bytes()  # 12 MiB: parts 1-2 while written, the tail at the end
+    extra = _piece(8192)
+    dst = watch / "held.mp4"
+    async with GateProxy(s3_endpoint.url) as gate:
+        config = make_config(s3_endpoint_url=gate.url, s3_timeout_seconds=120.0, **SLOW_QUIET)
+        async with running(config) as h:
+            await _closes_on(h)
+            gate.close("partNumber=3")  # only the finalizer sends part 3, the tail
+            await mp4gen.record_reopen_append([first], dst)
+            for _ in range(int(DEADLINE / 0.02)):
+                if gate.held:
+                    break
+                await asyncio.sleep(0.02)
+            assert gate.held, "the finalizer never sent the tail"
+            with dst.open("ab") as writer:  # reopen and append, mid-finalization
+                writer.write(extra)
+            gate.open()
+            state = await _finished_by_close(h, dst, "complete")
+            idles = await _idles(h, state)
+    whole = first + extra
+    assert [i.size for i in idles] == [len(first), len(whole)]
+    assert_stored(s3_client, bucket, state, whole)
+    assert_clean(s3_client, bucket, 1)
 
 
 async def test_without_close_notifications_files_finish_by_quiet_time(

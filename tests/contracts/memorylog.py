@@ -93,13 +93,18 @@ class MemoryGuard:
     """``leases.StreamGuard`` for one process: the local lock, a lease per hold."""
 
     def __init__(self, log: MemoryEventLog) -> None:
-        self._log = log
+        self.log = log  # where its fences append
         self._local = StreamLocks()
         self.lost: set[str] = set()  # streams whose next lease is lost at once
+        self._held: dict[str, MemoryLease] = {}
 
     def lose(self, stream_id: str) -> None:
         """The next hold of ``stream_id`` finds its lease taken by another replica."""
         self.lost.add(stream_id)
+
+    def expire(self, stream_id: str) -> None:
+        """The lease held now on ``stream_id`` expires (a pause past its TTL)."""
+        self._held[stream_id].token = None
 
     @contextlib.asynccontextmanager
     async def hold(self, stream_id: str) -> AsyncIterator[MemoryFence]:
@@ -107,4 +112,8 @@ class MemoryGuard:
             lease = MemoryLease(f"lease:stream:{stream_id}")
             if stream_id in self.lost:
                 lease.token = None
-            yield MemoryFence(self._log, lease)
+            self._held[stream_id] = lease
+            try:
+                yield MemoryFence(self.log, lease)
+            finally:
+                del self._held[stream_id]

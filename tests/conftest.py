@@ -87,6 +87,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         names = set(getattr(item, "fixturenames", ()))
         if names & SERVER_FIXTURES or item.nodeid.startswith(EXTERNAL_PROGRAM_TESTS):
             continue
+        if item.get_closest_marker("chaos") or item.get_closest_marker("image"):
+            continue  # `-m unit` replaces addopts' -m, which leaves these out
         item.add_marker(pytest.mark.unit)
 
 

@@ -53,10 +53,35 @@ FailStream = Callable[[str, FailReason, str], Awaitable[None]]
 
 
 class Handler(Protocol):
+    """What a consumer group runs for each event it wants.
+
+    ``group`` names the Redis consumer group (one per kind of work; every
+    replica joins it). ``wants`` lists the event types it acts on; the loop
+    acknowledges every other type without calling it.
+    """
+
     group: str
     wants: tuple[type[Event], ...]
 
-    async def handle(self, event: Event) -> None: ...
+    async def handle(self, event: Event) -> None:
+        """Act on ``event`` and append its outcome; returning means done.
+
+        Delivery is at-least-once (a crash before the acknowledgement, a
+        claim after a stale lease), so ``handle`` must be idempotent: a second
+        call for the same event, after a first that finished or died at any
+        step, must leave the store and the log as one call would (decide from
+        the projection, which already holds the earlier outcome). Nothing to
+        do (an unknown or ended stream) is a plain return.
+
+        It raises rather than catching to log: ``TransientError`` or
+        ``DeploymentBlocked`` leaves the message pending (retried after the
+        claim idle time); ``StreamEnded`` and any other ``PermanentError``
+        ends the stream (``StreamFailed`` with its ``reason``) and
+        acknowledges; any other exception is treated as a bug, recorded as
+        ``internal_error``. The loop does that (``GroupConsumer._supervised``);
+        a handler never appends ``StreamFailed`` itself.
+        """
+        ...
 
 
 class GroupConsumer:

@@ -57,7 +57,11 @@ async def calls(redis: aioredis.Redis, command: str) -> int:
 
 async def pending_ids(redis: aioredis.Redis, key: str) -> list[str]:
     rows = await redis.xpending_range(key, GROUP, min="-", max="+", count=10_000)
-    return [r["message_id"].decode() for r in rows]
+    return [_text(r["message_id"]) for r in rows]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Slow:

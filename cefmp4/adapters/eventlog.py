@@ -21,7 +21,7 @@ group verbs are covered by the consumer loop's tests against Redis.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -173,6 +173,30 @@ class EventLog:
                 group, consumer, {self.key: ">"}, count=count, block=block_ms
             )
         )
+        return self._entries(raw[0][1]) if raw else []
+
+    async def ack_and_read(
+        self,
+        group: str,
+        consumer: str,
+        acks: Sequence[str],
+        count: int,
+        block_ms: int | None,
+    ) -> list[Entry]:
+        """XACK ``acks``, then XREADGROUP as :meth:`read_group`, in one round
+        trip (a pipeline, not a transaction: an XACK that took effect before a
+        failed read is acknowledged for good, and acknowledging it again on
+        the retry is a no-op)."""
+        if not acks:
+            return await self.read_group(group, consumer, count, block_ms)
+
+        async def both() -> Any:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self.key, group, *acks)
+                pipe.xreadgroup(group, consumer, {self.key: ">"}, count=count, block=block_ms)
+                return await pipe.execute()
+
+        _acked, raw = await self._call(both)
         return self._entries(raw[0][1]) if raw else []
 
     def _entries(self, raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:

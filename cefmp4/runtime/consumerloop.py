@@ -13,6 +13,18 @@ acknowledged, so one bad recording can never become a crash loop. A transient
 failure that outlived the adapters' retries leaves the message pending; it is
 claimed again after ``CLAIM_IDLE_SECONDS`` (by this or another replica).
 
+Round trips: acknowledgements are sent with the next read (XACK and
+XREADGROUP in one pipeline), so a busy group pays one round trip per poll
+for its reads, the entries it ignores and the messages its handlers finished
+since the last poll, not one per message. A handler that finishes while the
+loop waits in a blocking read (a quiet log) acknowledges its message at once,
+so nothing stays pending for the length of a block, and ``drain`` sends what
+is left. Acknowledging later than possible is always safe (at worst a
+message is delivered again after a crash, and handlers are idempotent);
+acknowledging before the effect never happens. A read asks for
+``READ_AHEAD`` entries per free slot, since a group acts on only some of the
+log's types and acknowledges the rest unhandled.
+
 Claims: every ``CLAIM_IDLE_SECONDS / 2`` a pass over the group's pending
 entries starts (XAUTOCLAIM from ``0-0``) and goes on, one page per poll and
 without blocking, until the cursor Redis returns is ``0-0`` again; so a backlog
@@ -48,6 +60,12 @@ log = structlog.get_logger(__name__)
 # Undecodable entry ids remembered per consumer (for "log once"); beyond this
 # the oldest are forgotten and, if still pending, logged once more.
 REMEMBERED_UNDECODABLE = 10_000
+# Entries read per free handler slot. Each group acts on about one type in
+# four of a recording's events (FileSeen / StreamIdle / StreamCompleted of
+# FileSeen, StreamIdle, StreamCompleted, MetadataWritten), so four per slot
+# keep the slots busy with one read; the entries beyond the slots wait for
+# one in this consumer's pending list, as a single read's entries always did.
+READ_AHEAD = 4
 
 FailStream = Callable[[str, FailReason, str], Awaitable[None]]
 
@@ -121,6 +139,9 @@ class GroupConsumer:
         self._claim_cursor = "0-0"  # "0-0": no claim pass under way
         self._undecodable: dict[str, None] = {}  # ids logged, oldest first
         self._inflight: set[asyncio.Task[None]] = set()
+        # Handled or ignored, not yet acknowledged: sent with the next read.
+        self._acks: list[str] = []
+        self._blocking = False  # the loop is inside a blocking read
         self.group = handler.group
 
     async def start(self) -> None:
@@ -144,15 +165,32 @@ class GroupConsumer:
     async def drain(self) -> None:
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        try:
+            await self._events.ack(self.group, *acks)
+        except BaseException:
+            self._acks = acks + self._acks  # not known to be acknowledged: keep them
+            raise
 
     async def _poll(self, block_ms: int | None, *, claim: bool = False) -> int:
         entries = await self._claim(force=claim)
         free = max(1, self._concurrency - len(self._inflight))
         passing = bool(entries) or self._claim_cursor != "0-0"
-        entries += await self._events.read_group(
-            self.group, self._consumer, free, None if passing else block_ms
-        )
-        ignored = []
+        block = None if passing else block_ms
+        acks, self._acks = self._acks, []
+        self._blocking = block is not None
+        try:
+            entries += await self._events.ack_and_read(
+                self.group, self._consumer, acks, free * READ_AHEAD, block
+            )
+        except BaseException:
+            self._acks = acks + self._acks  # not known to be acknowledged: keep them
+            raise
+        finally:
+            self._blocking = False
         undecodable = []
         for entry_id, event in entries:
             if isinstance(event, UnknownEvent):
@@ -160,13 +198,12 @@ class GroupConsumer:
                 self._note_undecodable(entry_id, event)
                 continue
             if not isinstance(event, self._handler.wants):
-                ignored.append(entry_id)
+                self._acks.append(entry_id)  # nothing to do: acknowledged with the next read
                 continue
             await self._slots.acquire()
             task = asyncio.create_task(self._dispatch(entry_id, event))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
-        await self._events.ack(self.group, *ignored)
         await self._events.release(self.group, self._consumer, self._claim_idle_ms, *undecodable)
         return len(entries)
 
@@ -236,4 +273,9 @@ class GroupConsumer:
             self._metrics.handler_errors.labels(self.group, "internal").inc()
             bound.exception("handler crashed")  # the traceback; the failer logs the end
             await self._fail(event.stream_id, "internal_error", f"{type(exc).__name__}: {exc}")
-        await self._events.ack(self.group, entry_id)
+        if self._blocking:
+            # The loop waits for new entries (up to its block): do not make
+            # this message wait with it.
+            await self._events.ack(self.group, entry_id)
+        else:
+            self._acks.append(entry_id)

@@ -25,7 +25,7 @@ import pytest
 
 from cefmp4.adapters.checksums import md5_of, multipart_etag
 from cefmp4.adapters.eventlog import EventLog
-from cefmp4.adapters.leases import Fence, LeaseLost, StreamGuard
+from cefmp4.adapters.leases import Fence, LeaseLost, StreamLeases
 from cefmp4.adapters.memorystore import MemoryStore
 from cefmp4.adapters.metrics import Metrics
 from cefmp4.adapters.storage import RemotePart
@@ -46,7 +46,7 @@ from consumers.finalizer import Finalizer
 from consumers.uploads import Uploads, failer
 from projections.live import LiveProjection
 from projections.streams import StreamState
-from tests.contracts.memorylog import MemoryEventLog, MemoryGuard
+from tests.contracts.memorylog import MemoryEventLog, MemoryLeases
 from tests.harness import service_config
 
 # A scale model: parts of 64 KiB instead of S3's 5 MiB, the store enforcing
@@ -63,7 +63,7 @@ class World:
     path: Path
     log: MemoryEventLog
     store: MemoryStore
-    guard: MemoryGuard
+    guard: MemoryLeases
     deps: Deps
     uploads: Uploads
     finalizer: Finalizer
@@ -99,7 +99,7 @@ class World:
         return upload_id
 
 
-def make_world(tmp_path: Path, store: MemoryStore, guard: MemoryGuard) -> World:
+def make_world(tmp_path: Path, store: MemoryStore, guard: MemoryLeases) -> World:
     path = tmp_path / "a.mp4"
     log = guard.log
     unused = S3Endpoint("http://127.0.0.1:9", "k", "s", "us-east-1")  # never contacted
@@ -113,7 +113,7 @@ def make_world(tmp_path: Path, store: MemoryStore, guard: MemoryGuard) -> World:
         events=cast(EventLog, log),
         projection=projection,
         store=store,
-        locks=cast(StreamGuard, guard),
+        stream_leases=cast(StreamLeases, guard),
         metrics=Metrics(prometheus_client.CollectorRegistry()),
         now=lambda: AT,
     )
@@ -124,7 +124,7 @@ def make_world(tmp_path: Path, store: MemoryStore, guard: MemoryGuard) -> World:
 @pytest.fixture
 def world(tmp_path: Path) -> World:
     return make_world(
-        tmp_path, MemoryStore("bucket", min_part_size=C), MemoryGuard(MemoryEventLog())
+        tmp_path, MemoryStore("bucket", min_part_size=C), MemoryLeases(MemoryEventLog())
     )
 
 
@@ -225,7 +225,7 @@ class AnswerLost(MemoryStore):
 
 async def test_a_completion_whose_answer_was_lost_is_recognised(tmp_path: Path) -> None:
     world = make_world(
-        tmp_path, AnswerLost("bucket", min_part_size=C), MemoryGuard(MemoryEventLog())
+        tmp_path, AnswerLost("bucket", min_part_size=C), MemoryLeases(MemoryEventLog())
     )
     data = os.urandom(2 * C)
     await record(world, data)
@@ -239,7 +239,7 @@ async def test_a_completion_whose_answer_was_lost_is_recognised(tmp_path: Path) 
 class ExpiresOnListing(MemoryStore):
     """The stream's lease expires while the finalizer lists the parts."""
 
-    guard: MemoryGuard
+    guard: MemoryLeases
 
     async def list_parts(self, key: str, upload_id: str) -> list[RemotePart]:
         parts = await super().list_parts(key, upload_id)
@@ -250,7 +250,7 @@ class ExpiresOnListing(MemoryStore):
 async def test_a_lease_lost_before_completion_leaves_the_upload_open(tmp_path: Path) -> None:
     # Every part is in the store already, so nothing is appended between the
     # listing and the completion: only the lease check before it can notice.
-    store, guard = ExpiresOnListing("bucket", min_part_size=C), MemoryGuard(MemoryEventLog())
+    store, guard = ExpiresOnListing("bucket", min_part_size=C), MemoryLeases(MemoryEventLog())
     world = make_world(tmp_path, store, guard)
     await record(world, os.urandom(3 * C))
     upload_id = await world.send_parts(1, 2, 3)

@@ -117,6 +117,11 @@ _SKIP_MESSAGES: dict[str, str] = {
 # Paths decided between two yields to the event loop during a rescan: about
 # 5 ms of work at ~5 us a path.
 BATCH = 1000
+# How often the tick also re-stats streams already reported idle (waiting for
+# their finalizer). Growth of such a file normally arrives as a notification;
+# this is the belt for file systems that give none. Every tick would make a
+# backlog of N idle streams cost O(N) per tick and O(N^2) over the drain.
+IDLE_RECHECK_SECONDS = 1.0
 
 
 def _skip_dir(name: bytes) -> bool:
@@ -279,6 +284,7 @@ class Watcher:
         self._closed: dict[str, tuple[Sig | None, float]] = {}
         self._mfra: dict[str, tuple[Sig, bool]] = {}
         self._stat_at = 0.0  # when the stats of the current pass began
+        self._idle_looked_at = 0.0  # when the tick last re-stat'ed idle streams
         # Paths reported as skipped or failing, and as what: reported once,
         # again only when the problem changes or after the path was fine or
         # gone. Bounded by the paths on disk (a full scan prunes the rest).
@@ -484,7 +490,11 @@ class Watcher:
 
     async def look(self, paths: set[str]) -> None:
         projection = await self._deps.projection.catch_up()
-        paths |= {s.path for s in projection.live()}
+        now = self._clock()
+        with_idle = now - self._idle_looked_at >= IDLE_RECHECK_SECONDS
+        if with_idle:
+            self._idle_looked_at = now
+        paths |= {s.path for s in projection.live() if with_idle or s.status == "active"}
         paths |= self._dirty
         self._dirty.clear()
         self._stat_at = self._clock()

@@ -4,7 +4,7 @@
 projection and ``Deps.emit`` use); it passes ``tests/contracts/eventlog.py``
 together with the real one. Consumer groups are not modelled: a fast test
 calls a handler's ``handle`` directly, and the loop is tested against Redis.
-``MemoryGuard`` gives each stream a lease that stays held unless a test
+``MemoryLeases`` gives each stream a lease that stays held unless a test
 takes it away (``lose``), so the fencing paths run without Redis.
 Entries go through the real codec, so what a handler appends is what Redis
 would store.
@@ -89,8 +89,8 @@ class MemoryFence:
         return self._log.append_fields(encode(event, replica))
 
 
-class MemoryGuard:
-    """``leases.StreamGuard`` for one process: the local lock, a lease per hold."""
+class MemoryLeases:
+    """``leases.StreamLeases`` for one process: the local lock, a lease per hold."""
 
     def __init__(self, log: MemoryEventLog) -> None:
         self.log = log  # where its fences append

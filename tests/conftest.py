@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import pytest
+from hypothesis import settings
 
 from cefmp4.dev.localservers import RedisServer, S3Endpoint, SeaweedS3, make_s3_client
 from cefmp4.domain.config import Config
 from tests import mp4gen
 from tests.harness import service_config
+from tests.properties import QUICK, examples
 
 Backend = Literal["local", "docker"]
 
@@ -57,6 +59,7 @@ SERVER_FIXTURES = frozenset(
         "bucket",
         "make_config",
         "sources",
+        "recordings",  # test_mp4meta's ffmpeg-made files
         "large_faststart",
         "juicefs",
     }
@@ -72,7 +75,17 @@ EXTERNAL_PROGRAM_TESTS = (
     "tests/test_metadata_doc.py::test_a_stderr_flood_neither_stalls_ffprobe_nor_is_kept",
     "tests/test_metadata_doc.py::test_endless_ffprobe_output_is_cut_at_the_cap",
     "tests/test_secrets.py::test_help_prints_no_secret",  # the cefmp4 CLI
+    "tests/test_mp4meta.py::test_fragmented_and_other_codecs_are_left_to_ffprobe",  # ffmpeg
+    "tests/bench/test_bench_parts.py::test_camera_writes_zero_sized_mdat_then_patches_it",
+    "tests/bench/test_bench_parts.py::test_cpu_seconds_with_children_counts_reaped_children",
+    # Waits out a wedged event loop in real time: a timing test, not a unit.
+    "tests/test_http.py::test_healthz_fails_while_the_loop_is_wedged_and_recovers",
 )
+
+# Properties without an explicit count follow the same rule as tests.properties.
+settings.register_profile("quick", max_examples=examples(100))
+if QUICK:
+    settings.load_profile("quick")
 
 _BACKEND_ENV = "CEFMP4_TEST_SERVERS"
 _REDIS_IMAGE = "redis:7"

@@ -27,6 +27,7 @@ from cefmp4.domain.mp4 import (
 )
 from cefmp4.domain.watchrules import Action, CheckMp4, Stopped, Timing, decide
 from tests import mp4gen
+from tests.properties import examples
 from tests.test_watchrules import (
     COMPLETE,
     FRAGMENTED,
@@ -88,13 +89,13 @@ def fragmented(draw: st.DrawFn) -> bytes:
     return FTYP + FRAG_MOOV + body
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(data=tiling_files())
 def test_any_box_sequence_that_tiles_is_complete(data: bytes) -> None:
     assert closed(data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(data=tiling_files(), st_cut=st.data())
 def test_a_truncated_final_box_is_not_complete(data: bytes, st_cut: st.DataObject) -> None:
     last = list(iter_top_level_boxes(data))[-1]
@@ -102,7 +103,7 @@ def test_a_truncated_final_box_is_not_complete(data: bytes, st_cut: st.DataObjec
     assert not closed(data[:cut])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(data=fragmented(), tfras=st.integers(0, 3))
 def test_fragmented_is_finished_only_with_its_mfra(data: bytes, tfras: int) -> None:
     assert check_structure(data).status is Mp4Status.FRAGMENTED
@@ -111,14 +112,14 @@ def test_fragmented_is_finished_only_with_its_mfra(data: bytes, tfras: int) -> N
     assert ends_with_mfra(whole) and closed(whole)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(data=fragmented(), tfras=st.integers(0, 3), delta=st.integers(-24, 64).filter(bool))
 def test_mfra_with_a_wrong_mfro_size_is_not_finished(data: bytes, tfras: int, delta: int) -> None:
     right = len(mfra(tfras))
     assert not closed(data + mfra(tfras, announced=right + delta))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(data=fragmented(), tfras=st.integers(0, 3), st_cut=st.data())
 def test_no_strict_prefix_of_a_fragmented_file_is_finished(
     data: bytes, tfras: int, st_cut: st.DataObject
@@ -178,7 +179,7 @@ def test_a_close_of_a_finished_file_is_idle_before_the_settle_time() -> None:
     assert at(None, COMPLETE) == []
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(
     look=looks(),
     closed_for=st.none() | st.floats(0, 100, allow_nan=False),

@@ -27,6 +27,7 @@ from cefmp4.domain.config import Config
 from consumers.deps import Deps
 from consumers.metadata import MetadataWriter, Probe, summarize
 from tests.mp4gen import ffmpeg_path, make_mp4, remux_faststart
+from tests.properties import examples
 
 _SINE = ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate={rate}"]
 
@@ -120,7 +121,7 @@ def _moov_payload(path: Path) -> bytes:
     return data[at + 8 : at + size]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=512))
 def test_describe_moov_never_raises_on_arbitrary_bytes(data: bytes) -> None:
     result = mp4meta.describe_moov(data, 1000)
@@ -130,7 +131,7 @@ def test_describe_moov_never_raises_on_arbitrary_bytes(data: bytes) -> None:
 _REAL_MOOV: list[bytes] = []
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.data())
 def test_describe_moov_never_raises_on_mutated_real_moov(
     recordings: dict[str, Path], data: st.DataObject

@@ -47,8 +47,9 @@ from projections.streams import (
     record_of,
     replay,
 )
+from tests.properties import examples
 
-PROPERTY = settings(max_examples=150, deadline=None)
+PROPERTY = settings(max_examples=examples(150), deadline=None)
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 

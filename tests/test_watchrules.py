@@ -32,6 +32,7 @@ from cefmp4.domain.watchrules import (
     decide,
 )
 from projections.streams import Completion, FileRecord, Status, StreamState
+from tests.properties import examples
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 TIMING = Timing(settle=1.0, timeout=30.0)  # chunk=0: every change is reported at once
@@ -476,7 +477,7 @@ def looks(draw: st.DrawFn) -> Look:
     return Look(current, state, quiet_for, verdict, idle_sent, timing)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(look=looks())
 def test_decide_invariants(look: Look) -> None:
     current, state, quiet_for = look.current, look.state, look.quiet_for
@@ -569,7 +570,7 @@ def _watch_over_time(
     return acted
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(state=live_streams, grown=st.integers(1, 25), patched=st.booleans(), timing=timings())
 def test_a_growing_file_is_reported(
     state: StreamState, grown: int, patched: bool, timing: Timing
@@ -582,7 +583,7 @@ def test_a_growing_file_is_reported(
     assert acted[0][0] <= timing.coalesce
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(state=live_streams, verdict=st.sampled_from(VERDICTS), timing=timings())
 def test_a_quiet_file_goes_idle(state: StreamState, verdict: Mp4Verdict, timing: Timing) -> None:
     """A live stream whose file stopped changing goes idle: after the settle

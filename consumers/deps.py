@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cefmp4.adapters.eventlog import EventLog
-from cefmp4.adapters.leases import Fence, StreamGuard
+from cefmp4.adapters.leases import Fence, StreamLeases
 from cefmp4.adapters.metrics import Metrics
 from cefmp4.adapters.storage import ObjectStore
 from cefmp4.domain.config import Config
@@ -22,11 +22,22 @@ def utcnow() -> datetime:
 
 @dataclass(frozen=True)
 class Deps:
+    """What a worker is handed.
+
+    :param config: the parsed, immutable Config.
+    :param events: the event log (plain appends; fenced ones go through a Fence).
+    :param projection: the live fold of the log.
+    :param store: the object store.
+    :param stream_leases: one actor per stream (``StreamLeases.hold``).
+    :param metrics: the process's Prometheus metrics.
+    :param now: the wall clock of events.
+    """
+
     config: Config
     events: EventLog
     projection: LiveProjection
     store: ObjectStore
-    locks: StreamGuard
+    stream_leases: StreamLeases
     metrics: Metrics
     now: Callable[[], datetime] = utcnow
 

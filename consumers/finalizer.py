@@ -83,7 +83,7 @@ class Finalizer:
 
     async def handle(self, event: Event) -> None:
         assert isinstance(event, StreamIdle)
-        async with self._uploads.working_on(event.stream_id) as held:
+        async with self._uploads.leased(event.stream_id) as held:
             if held is None:
                 return
             s, fence = held

@@ -1,7 +1,11 @@
 """The ``metadata`` group: describe each completed recording in a JSON sidecar.
 
-On ``StreamCompleted`` ffprobe inspects the local file and a sidecar goes to
-``<object key>.metadata.json``, next to the video. ffprobe is not trusted for
+On ``StreamCompleted`` the local file is described and a sidecar goes to
+``<object key>.metadata.json``, next to the video. The description is
+ffprobe's, or (``METADATA_PROBE=auto``, the default) read from the MP4's own
+boxes when they give every field ffprobe would (``cefmp4.domain.mp4meta``):
+one ffprobe process per recording was most of the cost of a backlog of
+small files. ffprobe is not trusted for
 completeness (it reports a full duration for a truncated faststart file); that
 verdict comes from the box walk recorded in the completion (``mp4_complete``).
 When ffprobe fails or the content is not an MP4, the sidecar still goes up,
@@ -34,6 +38,7 @@ import msgspec
 import structlog
 
 from cefmp4.adapters import checksums
+from cefmp4.domain import mp4meta
 from cefmp4.domain.events import Continues, Event, MetadataWritten, StreamCompleted
 from cefmp4.domain.pathnames import to_fs
 from consumers.deps import Deps
@@ -360,6 +365,31 @@ async def run_ffprobe(
     return summarize(out)
 
 
+def from_boxes(description: mp4meta.BoxDescription) -> Probe:
+    """Pure: the boxes' description as the Probe ffprobe's summary would be."""
+    streams = description.streams[:MAX_STREAMS_LISTED]
+    return Probe(
+        description.duration_seconds,
+        description.container,
+        streams,
+        None,
+        streams_total=len(description.streams),
+    )
+
+
+async def boxes_probe(path: str) -> Probe | mp4meta.Undescribed:
+    """The boxes' Probe of ``path`` (wire form), or why they do not settle it.
+    A file that cannot be read is left to ffprobe, which reports the error."""
+    try:
+        # A thread: a long recording's moov is megabytes of sample tables.
+        described = await asyncio.to_thread(mp4meta.describe_file, to_fs(path))
+    except OSError as exc:
+        return mp4meta.Undescribed(f"cannot read: {exc}")
+    if isinstance(described, mp4meta.Undescribed):
+        return described
+    return from_boxes(described)
+
+
 class MetadataWriter:
     group = "metadata"
     wants: tuple[type[Event], ...] = (StreamCompleted,)
@@ -367,10 +397,19 @@ class MetadataWriter:
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
 
-    async def probe(self, path: str) -> Probe:
+    async def probe(self, path: str, mp4: str = "complete") -> Probe:
         """``path`` in wire form; ffprobe gets the file's own bytes, behind
         ``file:`` so no name (``-x.mp4``, ``concat:...``) reads as an option
-        or a protocol."""
+        or a protocol. ``mp4`` is the completion's structure verdict: only a
+        complete file's boxes are trusted to describe it."""
+        mode = self._deps.config.metadata_probe
+        if mode != "ffprobe":
+            described = await boxes_probe(path) if mp4 == "complete" else None
+            if isinstance(described, Probe):
+                return described
+            if mode == "boxes":
+                why = described.reason if described is not None else f"mp4 structure {mp4}"
+                return Probe(None, None, [], clip(f"the MP4 boxes do not describe it: {why}"))
         return await run_ffprobe(self._deps.config.ffprobe_path, b"file:" + to_fs(path))
 
     async def handle(self, event: Event) -> None:
@@ -382,7 +421,7 @@ class MetadataWriter:
             # A second completion (racing finalizers): the first one stands in
             # the projection, and the sidecar must describe that one.
             return
-        probe = await self.probe(s.path)
+        probe = await self.probe(s.path, event.mp4)
         if probe.error:
             log.warning(
                 "ffprobe could not describe the recording",

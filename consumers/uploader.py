@@ -37,7 +37,7 @@ class Uploader:
         self._uploads = uploads
 
     async def handle(self, event: Event) -> None:
-        async with self._uploads.working_on(event.stream_id) as held:
+        async with self._uploads.leased(event.stream_id) as held:
             if held is None:
                 return
             async with self._uploads.stream_slots:
@@ -45,7 +45,7 @@ class Uploader:
 
     def _went_idle(self, stream_id: str) -> Callable[[], Awaitable[bool]]:
         """True once the watcher called the stream idle: the finalizer is
-        waiting for our lock, and will send the rest reading each part once,
+        waiting for the stream's lease, and will send the rest reading each part once,
         instead of us sending it and the finalizer reading it all again."""
 
         async def check() -> bool:

@@ -162,6 +162,13 @@ class Sent(msgspec.Struct, frozen=True):
 
 
 class Uploads:
+    """The multipart mechanics the uploader and the finalizer share (see the
+    module docstring); one per process, since it remembers which uploads were
+    reconciled.
+
+    :param deps: config, store, projection, stream leases and metrics.
+    """
+
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
         self._reconciled: set[tuple[str, str]] = set()
@@ -220,12 +227,13 @@ class Uploads:
         return self._streams
 
     @asynccontextmanager
-    async def working_on(self, stream_id: str) -> AsyncIterator[tuple[StreamState, Fence] | None]:
-        """Hold the stream (lock + lease) and yield its current state, or None
-        when there is nothing to do (unknown or ended). Raises ``StreamEnded``
-        when the watcher reported it gone from disk, whichever group notices:
-        the supervisor then aborts the upload and records the end."""
-        async with self._deps.locks.hold(stream_id) as fence:
+    async def leased(self, stream_id: str) -> AsyncIterator[tuple[StreamState, Fence] | None]:
+        """Hold the stream's lease (``StreamLeases.hold``) and yield its current
+        state and Fence, or None when there is nothing to do (unknown or
+        ended). Raises ``StreamEnded`` when the watcher reported it gone from
+        disk, whichever group notices: the supervisor then aborts the upload
+        and records the end."""
+        async with self._deps.stream_leases.hold(stream_id) as fence:
             s = (await self._deps.projection.catch_up()).streams.get(stream_id)
             if s is not None and not s.terminal and s.gone is not None:
                 raise StreamEnded(s.gone, f"{s.path} {s.gone}")
@@ -487,7 +495,7 @@ def failer(deps: Deps, uploads: Uploads) -> Callable[[str, FailReason, str], Awa
 
     async def fail(stream_id: str, reason: FailReason, detail: str) -> None:
         event = StreamFailed(stream_id=stream_id, at=deps.now(), reason=reason, detail=detail)
-        async with deps.locks.hold(stream_id) as fence:
+        async with deps.stream_leases.hold(stream_id) as fence:
             s = (await deps.projection.catch_up()).streams.get(stream_id)
             say = log.info if reason in EXPECTED_ENDS else log.error
             if s is not None and not s.terminal:

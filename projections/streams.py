@@ -1,7 +1,8 @@
 """Stream state as a projection of the event log.
 
-``fold`` is the only place that knows how a fact changes a stream's state. It
-is pure and total: the same function serves the live follower (events as they
+``fold`` is the only place that knows how a fact changes a stream's state:
+one small step per event type (``STEPS``), dispatched on the event's type.
+It is pure and total: the same function serves the live follower (events as they
 arrive) and the replay of the whole log at start-up, so the two cannot drift
 apart. Facts that no longer matter (a part of an upload that was replaced, a
 byte count after the stream ended) are ignored rather than rejected, because
@@ -36,8 +37,10 @@ XADD), long before a stream can retire, so this does not happen in practice.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Literal
+from types import MappingProxyType
+from typing import Any, Literal
 
 import msgspec
 
@@ -82,7 +85,10 @@ class Part(msgspec.Struct, frozen=True, gc=False):
     file_mtime_ns: int | None = None
 
 
-class Idle(msgspec.Struct, frozen=True, gc=False):
+class IdleReport(msgspec.Struct, frozen=True, gc=False):
+    """What the last ``StreamIdle`` said: the file's size and mtime when it
+    went quiet, why, and the MP4 verdict (``StreamState.idle``)."""
+
     size: int
     mtime_ns: int
     reason: IdleReason
@@ -116,7 +122,7 @@ class StreamState(msgspec.Struct, frozen=True, gc=False):
     # Never mutated in place: fold copies the dict, so every state value that
     # was ever handed out stays valid (snapshots, concurrent readers).
     parts: dict[int, Part] = msgspec.field(default_factory=dict)
-    idle: Idle | None = None
+    idle: IdleReport | None = None
     completion: Completion | None = None
     failure_reason: str | None = None
     failure_detail: str = ""
@@ -216,87 +222,136 @@ def _object_parts(s: StreamState, c: Completion) -> tuple[int, bytes]:
 
 def fold(state: StreamState | None, event: Event) -> StreamState | None:
     """The state after ``event``; ``None`` while the stream is unknown."""
-    if isinstance(event, FileSeen):
-        if state is not None:  # duplicate delivery: the first fact stands
-            return state
-        return StreamState(
-            stream_id=event.stream_id,
-            path=event.path,
-            rel_path=event.rel_path,
-            bucket=event.bucket,
-            key=event.key,
-            inode=event.inode,
-            started_at=event.at,
-            size=event.size,
-            mtime_ns=event.mtime_ns,
-            continues=event.continues,
-        )
     if state is None:
-        return None
-    replace = msgspec.structs.replace
-    match event:
-        case StreamCompleted():
-            if state.status == "completed":  # duplicate or racing finalizer: the first stands
-                return state
-            return replace(
-                state,
-                status="completed",
-                completion=Completion(
-                    size=event.size,
-                    mtime_ns=event.mtime_ns,
-                    etag=event.etag,
-                    sha256=event.sha256,
-                    parts=event.parts,
-                    mp4=event.mp4,
-                    mp4_reason=event.mp4_reason,
-                    at=event.at,
-                ),
-            )
-        case MetadataWritten():
-            return replace(state, metadata_key=event.key)
-        case StreamFailed():
-            if state.status == "completed":
-                # An object exists; that fact wins. What failed is its sidecar:
-                # remember why, which also settles the stream.
-                if state.failure_reason is not None:
-                    return state
-                return replace(state, failure_reason=event.reason, failure_detail=event.detail)
-            return replace(
-                state, status="failed", failure_reason=event.reason, failure_detail=event.detail
-            )
-        case FileDeleted():
-            return state if state.gone else replace(state, gone="deleted")
-        case FileTruncated():
-            return state if state.gone else replace(state, gone="truncated")
+        return _started(event) if isinstance(event, FileSeen) else None
+    return STEPS[type(event)](state, event)
+
+
+# One step per event type: how the fact changes a stream the projection
+# knows. Steps that only matter while the stream is open return a terminal
+# stream unchanged (a late byte count or part after the end is void).
+_replace = msgspec.structs.replace
+
+
+def _started(event: FileSeen) -> StreamState:
+    return StreamState(
+        stream_id=event.stream_id,
+        path=event.path,
+        rel_path=event.rel_path,
+        bucket=event.bucket,
+        key=event.key,
+        inode=event.inode,
+        started_at=event.at,
+        size=event.size,
+        mtime_ns=event.mtime_ns,
+        continues=event.continues,
+    )
+
+
+def _seen_again(state: StreamState, event: FileSeen) -> StreamState:
+    return state  # duplicate delivery: the first fact stands
+
+
+def _bytes_available(state: StreamState, event: BytesAvailable) -> StreamState:
     if state.terminal:
         return state
-    match event:
-        case BytesAvailable():
-            return replace(state, status="active", size=event.size, mtime_ns=event.mtime_ns)
-        case UploadStarted():
-            if event.upload_id == state.upload_id:
-                return state
-            return replace(state, upload_id=event.upload_id, parts={})
-        case PartUploaded():
-            if event.upload_id != state.upload_id:
-                return state  # a part of a replaced upload is void
-            part = Part(
-                number=event.part_number,
-                offset=event.offset,
-                size=event.size,
-                etag=event.etag,
-                md5=event.md5,
-                uploaded_at=event.at,
-                copied=event.copied,
-                checksum=event.checksum,
-                file_size=event.file_size,
-                file_mtime_ns=event.file_mtime_ns,
-            )
-            return replace(state, parts={**state.parts, event.part_number: part})
-        case StreamIdle():
-            idle = Idle(event.size, event.mtime_ns, event.reason, event.mp4, event.mp4_reason)
-            return replace(state, status="idle", idle=idle)
-    return state
+    return _replace(state, status="active", size=event.size, mtime_ns=event.mtime_ns)
+
+
+def _upload_started(state: StreamState, event: UploadStarted) -> StreamState:
+    if state.terminal or event.upload_id == state.upload_id:
+        return state
+    return _replace(state, upload_id=event.upload_id, parts={})
+
+
+def _part_uploaded(state: StreamState, event: PartUploaded) -> StreamState:
+    if state.terminal or event.upload_id != state.upload_id:
+        return state  # a part of a replaced upload is void
+    part = Part(
+        number=event.part_number,
+        offset=event.offset,
+        size=event.size,
+        etag=event.etag,
+        md5=event.md5,
+        uploaded_at=event.at,
+        copied=event.copied,
+        checksum=event.checksum,
+        file_size=event.file_size,
+        file_mtime_ns=event.file_mtime_ns,
+    )
+    return _replace(state, parts={**state.parts, event.part_number: part})
+
+
+def _stream_idle(state: StreamState, event: StreamIdle) -> StreamState:
+    if state.terminal:
+        return state
+    idle = IdleReport(event.size, event.mtime_ns, event.reason, event.mp4, event.mp4_reason)
+    return _replace(state, status="idle", idle=idle)
+
+
+def _stream_completed(state: StreamState, event: StreamCompleted) -> StreamState:
+    if state.status == "completed":  # duplicate or racing finalizer: the first stands
+        return state
+    return _replace(
+        state,
+        status="completed",
+        completion=Completion(
+            size=event.size,
+            mtime_ns=event.mtime_ns,
+            etag=event.etag,
+            sha256=event.sha256,
+            parts=event.parts,
+            mp4=event.mp4,
+            mp4_reason=event.mp4_reason,
+            at=event.at,
+        ),
+    )
+
+
+def _metadata_written(state: StreamState, event: MetadataWritten) -> StreamState:
+    return _replace(state, metadata_key=event.key)
+
+
+def _stream_failed(state: StreamState, event: StreamFailed) -> StreamState:
+    if state.status == "completed":
+        # An object exists; that fact wins. What failed is its sidecar:
+        # remember why, which also settles the stream.
+        if state.failure_reason is not None:
+            return state
+        return _replace(state, failure_reason=event.reason, failure_detail=event.detail)
+    return _replace(
+        state, status="failed", failure_reason=event.reason, failure_detail=event.detail
+    )
+
+
+def _file_deleted(state: StreamState, event: FileDeleted) -> StreamState:
+    return state if state.gone else _replace(state, gone="deleted")
+
+
+def _file_truncated(state: StreamState, event: FileTruncated) -> StreamState:
+    return state if state.gone else _replace(state, gone="truncated")
+
+
+def _retry_requested(state: StreamState, event: RetryRequested) -> StreamState:
+    return state  # about the file's record, not the stream: ``Projection.apply``
+
+
+# Any: each step takes its own event type; ``STEPS[type(event)]`` pairs them.
+STEPS: Mapping[type[Event], Callable[[StreamState, Any], StreamState]] = MappingProxyType(
+    {
+        FileSeen: _seen_again,
+        BytesAvailable: _bytes_available,
+        UploadStarted: _upload_started,
+        PartUploaded: _part_uploaded,
+        StreamIdle: _stream_idle,
+        StreamCompleted: _stream_completed,
+        MetadataWritten: _metadata_written,
+        StreamFailed: _stream_failed,
+        FileDeleted: _file_deleted,
+        FileTruncated: _file_truncated,
+        RetryRequested: _retry_requested,
+    }
+)
 
 
 class Projection(msgspec.Struct):

@@ -34,18 +34,75 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import pytest
+from hypothesis import settings
 
 from cefmp4.dev.localservers import RedisServer, S3Endpoint, SeaweedS3, make_s3_client
 from cefmp4.domain.config import Config
 from tests import mp4gen
 from tests.harness import service_config
+from tests.properties import QUICK, examples
 
 Backend = Literal["local", "docker"]
+
+# Fixtures that start (or need) a server or an external process: Redis,
+# SeaweedFS/MinIO, the JuiceFS gateway, ffmpeg. A test that uses none of them,
+# directly or through another fixture, is marked ``unit`` (``task test-unit``).
+SERVER_FIXTURES = frozenset(
+    {
+        "servers_backend",
+        "redis_server",
+        "local_redis_server",
+        "s3_endpoint",
+        "_session_s3_client",
+        "redis_url",
+        "s3_client",
+        "bucket",
+        "make_config",
+        "sources",
+        "recordings",  # test_mp4meta's ffmpeg-made files
+        "large_faststart",
+        "juicefs",
+    }
+)
+# Tests that need no such fixture but start a program themselves (found by
+# watching subprocess.Popen during `pytest -m unit`): not unit either.
+EXTERNAL_PROGRAM_TESTS = (
+    "tests/test_alerts.py::",  # promtool
+    "tests/test_config.py::test_python_dash_m_exits_2_on_bad_config",
+    "tests/test_deploy_files.py::test_systemd_analyze_verify_accepts_the_unit",
+    "tests/test_image.py::",  # podman-compose
+    "tests/test_localservers.py::",  # redis-server
+    "tests/test_metadata_doc.py::test_a_stderr_flood_neither_stalls_ffprobe_nor_is_kept",
+    "tests/test_metadata_doc.py::test_endless_ffprobe_output_is_cut_at_the_cap",
+    "tests/test_secrets.py::test_help_prints_no_secret",  # the cefmp4 CLI
+    "tests/test_mp4meta.py::test_fragmented_and_other_codecs_are_left_to_ffprobe",  # ffmpeg
+    "tests/bench/test_bench_parts.py::test_camera_writes_zero_sized_mdat_then_patches_it",
+    "tests/bench/test_bench_parts.py::test_cpu_seconds_with_children_counts_reaped_children",
+    # Waits out a wedged event loop in real time: a timing test, not a unit.
+    "tests/test_http.py::test_healthz_fails_while_the_loop_is_wedged_and_recovers",
+)
+
+# Properties without an explicit count follow the same rule as tests.properties.
+settings.register_profile("quick", max_examples=examples(100))
+if QUICK:
+    settings.load_profile("quick")
 
 _BACKEND_ENV = "CEFMP4_TEST_SERVERS"
 _REDIS_IMAGE = "redis:7"
 _DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
 _AOF_ARGS = ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``unit`` every test that needs no server fixture (SERVER_FIXTURES)
+    and starts no program (EXTERNAL_PROGRAM_TESTS)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & SERVER_FIXTURES or item.nodeid.startswith(EXTERNAL_PROGRAM_TESTS):
+            continue
+        if item.get_closest_marker("chaos") or item.get_closest_marker("image"):
+            continue  # `-m unit` replaces addopts' -m, which leaves these out
+        item.add_marker(pytest.mark.unit)
 
 
 class RedisHandle(Protocol):

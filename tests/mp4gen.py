@@ -339,3 +339,37 @@ async def truncate_and_rewrite(
         await _write_chunks(sink, data, offset=0, chunk=chunk or max(len(data), 1), delay=delay)
     finally:
         await asyncio.to_thread(sink.close)
+
+
+# -- writers that say when they are done (the close fast path) ------------
+
+
+def strip_mfra(data: bytes) -> bytes:
+    """A fragmented recording without its closing ``mfra`` (``+skip_trailer``,
+    or a recorder that never writes one): the fragments only."""
+    mfra = [b for b in iter_top_level_boxes(data) if b.type == "mfra"]
+    if not mfra:
+        raise ValueError("no mfra box to strip")
+    return data[: mfra[-1].offset]
+
+
+async def record_reopen_append(pieces: list[bytes], dst: Path, *, delay: float = 0.0) -> None:
+    """An append-per-chunk recorder: for each piece open ``dst`` for append,
+    write it, close (each close is an IN_CLOSE_WRITE), then sleep ``delay``.
+    The first piece creates (truncates) the file."""
+
+    def append(piece: bytes, mode: str) -> None:
+        with dst.open(mode) as f:
+            f.write(piece)
+
+    for n, piece in enumerate(pieces):
+        await asyncio.to_thread(append, piece, "wb" if n == 0 else "ab")
+        await asyncio.sleep(delay)
+
+
+async def record_then_rename(src: Path, dst: Path, *, chunk: int, delay: float) -> None:
+    """Write into a hidden temp name next to ``dst`` (which the service
+    ignores), then rename it into place: IN_MOVED_TO, no close of ``dst``."""
+    tmp = dst.with_name(f".{dst.name}.part")
+    await record_append(src, tmp, chunk=chunk, delay=delay)
+    await asyncio.to_thread(tmp.rename, dst)

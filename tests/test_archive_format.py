@@ -31,6 +31,7 @@ from cefmp4.domain.archive_format import (
     segment_key,
 )
 from cefmp4.domain.entryids import format_id, parse_id
+from tests.properties import examples
 
 U64 = 2**64 - 1
 ids = st.tuples(st.integers(0, U64), st.integers(0, U64))
@@ -111,7 +112,7 @@ def test_other_keys_are_not_segments(key: str) -> None:
     assert parse_segment_key("cefmp4-events/", key) is None
 
 
-@settings(max_examples=500)
+@settings(max_examples=examples(500))
 @given(
     data=st.binary(max_size=60)
     | st.sampled_from([b"\r0", b" {} ", b'\t"x"\n', b'{"a" :\n 1}', b"[1,\r\n2]"])

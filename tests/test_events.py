@@ -36,6 +36,7 @@ from cefmp4.domain.events import (
     decode,
     encode,
 )
+from tests.properties import examples
 
 ALL_TYPES: list[type[Event]] = [
     FileSeen,
@@ -93,7 +94,7 @@ def test_every_event_class_is_registered() -> None:
 
 
 @pytest.mark.parametrize("cls", ALL_TYPES, ids=lambda cls: cls.__name__)
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(data=st.data())
 def test_round_trip(cls: type[Event], data: st.DataObject) -> None:
     event = data.draw(event_strategy(cls))
@@ -107,7 +108,7 @@ def test_round_trip(cls: type[Event], data: st.DataObject) -> None:
     assert decoded.at.utcoffset() == event.at.utcoffset()
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(event=any_event, replica=st.text(min_size=1))
 def test_wire_fields_are_exactly_type_v_data_replica(event: Event, replica: str) -> None:
     fields = encode(event, replica)
@@ -118,7 +119,7 @@ def test_wire_fields_are_exactly_type_v_data_replica(event: Event, replica: str)
     assert fields["replica"].decode() == replica
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(event=any_event)
 def test_data_is_plain_json(event: Event) -> None:
     # Non-Python consumers XREAD the log: `data` must be an ordinary JSON object
@@ -211,7 +212,7 @@ wire_values = (
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(fields=st.dictionaries(wire_keys, wire_values, max_size=6))
 def test_decode_never_raises(fields: dict[bytes, bytes]) -> None:
     result = decode(fields)

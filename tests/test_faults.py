@@ -202,7 +202,7 @@ async def test_lost_create_response_leaves_no_orphan_upload(
                 inode=0,
             )
             await h.log.append(seen)
-            async with service.uploads.working_on("s1") as held:
+            async with service.uploads.leased("s1") as held:
                 assert held is not None
                 upload_id = await service.uploads.create(*held)
     if proxy.injected.lost_response != 1:  # not an AssertionError: the fault must fire

@@ -50,8 +50,9 @@ from cefmp4.runtime.service import connect
 from projections.streams import Projection, replay
 from tests import mp4gen
 from tests.harness import MiB, open_uploads, running, service_config, subprocess_env
+from tests.properties import examples
 
-PROPERTY = settings(max_examples=200, deadline=None)
+PROPERTY = settings(max_examples=examples(200), deadline=None)
 NOW = datetime(2024, 6, 1, 12, tzinfo=UTC)
 HOUR = timedelta(hours=1)
 OLD = NOW - 2 * HOUR

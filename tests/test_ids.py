@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cefmp4.domain.ids import stream_id
+from tests.properties import examples
 
 ID_RE = re.compile(r"^\d{8}T\d{9}Z-[0-9a-f]{12}$")
 
@@ -45,7 +46,7 @@ def test_non_utc_time_is_converted_to_utc() -> None:
     assert stream_id(local, entropy) == stream_id(utc, entropy)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(a=aware_times, b=aware_times)
 def test_ids_sort_by_time(a: datetime, b: datetime) -> None:
     ia, ib = stream_id(a), stream_id(b)

@@ -51,7 +51,7 @@ def imports_of(path: Path) -> set[str]:
                 # cefmp4.domain.events; ``from cefmp4.domain.events import X``
                 # imports cefmp4.domain.events.
                 candidate = f"{node.module}.{alias.name}"
-                names.add(candidate if candidate in modules() else node.module)
+                names.add(candidate if candidate in MODULES else node.module)
     return names
 
 

@@ -219,7 +219,7 @@ async def test_lease_lost_before_completion_leaves_the_upload_alone(
     async with log_only(config) as (h, service):
         state = await two_parts_sent(h, service, dst)
         tail = final_parts(12 * MiB, config.chunk_size_bytes)[-1]
-        async with service.uploads.working_on(state.stream_id) as held:
+        async with service.uploads.leased(state.stream_id) as held:
             assert held is not None and state.upload_id is not None
             s, fence = held
             await service.uploads.send(s, state.upload_id, [tail], "test", fence)
@@ -249,7 +249,7 @@ async def test_lease_lost_before_abort_leaves_the_upload_alone(
         state = await two_parts_sent(h, service, dst)
         store = StealOnListParts(service.deps.store, redis, "unused")
         object.__setattr__(service.deps, "store", cast(ObjectStore, store))
-        async with service.uploads.working_on(state.stream_id) as held:
+        async with service.uploads.leased(state.stream_id) as held:
             assert held is not None
             s, fence = held
             await redis.set(fence.lease.key, "thief:0000000000000000", px=60_000)
@@ -273,7 +273,7 @@ async def test_lease_lost_before_create_opens_no_upload(
         await service.watcher.run_once()
         state = (await h.projection()).for_path(str(dst))
         assert state is not None
-        async with service.uploads.working_on(state.stream_id) as held:
+        async with service.uploads.leased(state.stream_id) as held:
             assert held is not None
             s, fence = held
             await redis.set(fence.lease.key, "thief:0000000000000000", px=60_000)

@@ -40,6 +40,7 @@ from consumers.metadata import (
     summarize,
 )
 from projections.streams import Part, StreamState, replay
+from tests.properties import examples
 
 MiB = 1024 * 1024
 STARTED = datetime(2024, 5, 17, 13, 0, 0, tzinfo=UTC)
@@ -397,7 +398,7 @@ def big_state(sid: str, path: str, rel_path: str, key: str, parts: int, etag: st
     )
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     ffprobe_json=FFPROBE_OUTPUTS,
     parts=st.integers(0, 10_000),

@@ -37,6 +37,7 @@ from tests.mp4gen import (
     record_mdat_patch,
     truncate_and_rewrite,
 )
+from tests.properties import examples
 
 COMPLETE = Mp4Status.COMPLETE
 INCOMPLETE = Mp4Status.INCOMPLETE
@@ -45,7 +46,7 @@ INVALID = Mp4Status.INVALID
 
 PROPERTY = settings(
     deadline=None,
-    max_examples=150,
+    max_examples=examples(150),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 

@@ -140,11 +140,16 @@ async def test_faststart_rewrite_shifts_the_whole_file(
 async def test_fragmented_file_finishes_on_idle_timeout(
     make_config: Any, watch: Path, sources: mp4gen.Mp4Sources, s3_client: Any, bucket: str
 ) -> None:
+    # Without its closing mfra: with one, the writer's close would finish it
+    # at once (tests/test_close_fast_path.py) if the close watch saw it.
+    data = mp4gen.strip_mfra(sources.fragmented.read_bytes())
+    src = watch.parent / "no-mfra.mp4"
+    src.write_bytes(data)
     dst = watch / "frag.mp4"
     async with running(make_config(stream_timeout_seconds=2.0)) as h:
-        await mp4gen.record_append(sources.fragmented, dst, chunk=64 * 1024, delay=0.01)
+        await mp4gen.record_append(src, dst, chunk=64 * 1024, delay=0.01)
         state = await h.terminal(dst)
-    sidecar = assert_stored(s3_client, bucket, state, sources.fragmented.read_bytes())
+    sidecar = assert_stored(s3_client, bucket, state, data)
     assert sidecar["mp4_structure"] == "fragmented"
     assert state.idle is not None and state.idle.reason == "timeout"
     assert_clean(s3_client, bucket, 1)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import get_args
+from typing import get_args, get_type_hints
 
 import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cefmp4.domain.events import (
+    EVENT_TYPES,
     BytesAvailable,
     Continues,
     Event,
@@ -36,6 +37,7 @@ from cefmp4.domain.events import (
 )
 from cefmp4.domain.partplan import final_parts
 from projections.streams import (
+    STEPS,
     Completion,
     FileRecord,
     Part,
@@ -45,8 +47,9 @@ from projections.streams import (
     record_of,
     replay,
 )
+from tests.properties import examples
 
-PROPERTY = settings(max_examples=150, deadline=None)
+PROPERTY = settings(max_examples=examples(150), deadline=None)
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -594,3 +597,12 @@ def completed(stream_id: str, *, etag: str) -> StreamCompleted:
         parts=0,
         mp4="complete",
     )
+
+
+def test_every_event_type_has_its_own_fold_step() -> None:
+    """A new event added to EVENT_TYPES without a step would make ``fold``
+    raise on the first one in the log; a step filed under another type would
+    fold it as the wrong fact."""
+    assert set(STEPS) == set(EVENT_TYPES.values())
+    for event_type, step in STEPS.items():
+        assert get_type_hints(step)["event"] is event_type, step.__name__

@@ -33,6 +33,7 @@ from cefmp4.ops.verifycli import Expected, FileDigest, digest_file, exit_code, j
 from cefmp4.runtime.service import connect
 from tests import mp4gen
 from tests.harness import running, subprocess_env
+from tests.properties import examples
 from tests.test_gc import use_config_env
 
 EXPECTED = Expected(stream_id="s1", key="streams/s1/a.mp4", size=10, etag="e", sha256="h",
@@ -78,7 +79,7 @@ def test_what_cannot_be_checked_is_unchecked_and_a_difference_wins() -> None:
     assert exit_code([judge("/w/a.mp4", EXPECTED, DIGEST, OBJECT), no_log]) == 2
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.binary(min_size=1, max_size=5000), st.integers(min_value=64, max_value=700))
 def test_the_file_etag_is_s3s(tmp_path_factory: Any, data: bytes, chunk: int) -> None:
     path = tmp_path_factory.mktemp("etag") / "f.mp4"

@@ -46,6 +46,7 @@ from cefmp4.domain.events import (
     encode,
 )
 from cefmp4.runtime.consumerloop import GroupConsumer
+from tests.properties import examples
 from tests.test_events import any_event, event_strategy, wire
 
 AT = datetime(2024, 5, 17, 13, 37, 42, 123456, tzinfo=UTC)
@@ -158,7 +159,7 @@ def test_the_upcaster_chain_runs_in_order() -> None:
     assert from_v2 == v3.FileSeen(**_fields(SEEN_V1, drop="inode"), file_id=42, host="h")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(event=event_strategy(FileSeen))
 def test_every_v1_file_seen_upcasts_to_v3(event: FileSeen) -> None:
     decoded = decode(wire(event), CODEC_V3)
@@ -168,7 +169,7 @@ def test_every_v1_file_seen_upcasts_to_v3(event: FileSeen) -> None:
 
 
 @pytest.mark.parametrize("cls", list(EVENT_TYPES.values()), ids=lambda cls: cls.__name__)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(data=st.data())
 def test_the_upcast_path_is_lossless_for_every_type(cls: type[Event], data: st.DataObject) -> None:
     # An upcast ends in msgspec.convert of a plain dict instead of the typed
@@ -210,7 +211,7 @@ def test_what_a_replica_cannot_read_is_an_unknown_event(
     assert error in result.error
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     name=st.sampled_from([b"FileSeen", b"BytesAvailable", b"Nope"]),
     v=st.sampled_from([b"1", b"2", b"3", b"4", b"0", b"x"]),
@@ -349,7 +350,7 @@ def entry(event: Event) -> dict[str, str]:
     return {k: v.decode() for k, v in encode(event, "host-1").items()}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(event=any_event)
 def test_real_entries_validate_against_the_shipped_schema(event: Event) -> None:
     assert schema_errors(entry(event), SCHEMA, SCHEMA, "$") == []

@@ -25,13 +25,14 @@ from cefmp4.domain.watchrules import (
     Forget,
     Gone,
     Grew,
-    Idle,
     Seen,
+    Stopped,
     Timing,
     Truncated,
     decide,
 )
 from projections.streams import Completion, FileRecord, Status, StreamState
+from tests.properties import examples
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 TIMING = Timing(settle=1.0, timeout=30.0)  # chunk=0: every change is reported at once
@@ -120,20 +121,20 @@ class Case(msgspec.Struct, frozen=True, kw_only=True):
 
 CASES: dict[str, Case] = {
     # --- gone from disk ---
-    "gone while live": Case(current=None, stream=stream(), expected=[Gone()]),
+    "gone while live": Case(current=None, stream=stream(), expected=[Gone("s1")]),
     "gone while idle (idle is still live)": Case(
-        current=None, stream=stream("idle"), expected=[Gone()]
+        current=None, stream=stream("idle"), expected=[Gone("s1")]
     ),
     "gone, never seen": Case(current=None, stream=None, expected=[]),
     # A finished recording's file left the disk: its record goes (bounded state).
-    "gone after completed": Case(current=None, stream=completed(), expected=[Forget()]),
-    "gone after failed": Case(current=None, stream=stream("failed"), expected=[Forget()]),
+    "gone after completed": Case(current=None, stream=completed(), expected=[Forget("s1")]),
+    "gone after failed": Case(current=None, stream=stream("failed"), expected=[Forget("s1")]),
     "gone after failed as deleted (no record)": Case(
         current=None, stream=stream("failed", gone="deleted"), expected=[]
     ),
     "gone, already reported": Case(current=None, stream=stream(gone="deleted"), expected=[]),
     # --- new recordings ---
-    "new path": Case(current=file(), stream=None, expected=[Seen()]),
+    "new path": Case(current=file(), stream=None, expected=[Seen(file())]),
     "completed, unchanged": Case(current=file(), stream=completed(), expected=[]),
     "completed, unchanged vs completion though the stream saw less": Case(
         # The reference is what was uploaded, not the last BytesAvailable.
@@ -144,67 +145,79 @@ CASES: dict[str, Case] = {
     # Grew in place after completion: the recorder paused past the timeout and
     # went on. Still a new stream and object, but it names what it continues.
     "completed, then grew": Case(
-        current=file(size=SIZE + 1), stream=completed(), expected=[Seen(CONTINUES)]
+        current=file(size=SIZE + 1),
+        stream=completed(),
+        expected=[Seen(file(size=SIZE + 1), CONTINUES)],
     ),
     "completed, then grew and mtime moved": Case(
         current=file(size=SIZE + 1, mtime_ns=MTIME + 9),
         stream=completed(),
-        expected=[Seen(CONTINUES)],
+        expected=[Seen(file(size=SIZE + 1, mtime_ns=MTIME + 9), CONTINUES)],
     ),
     "completed, then grew under a new inode (other content)": Case(
-        current=file(size=SIZE + 1, inode=INODE + 1), stream=completed(), expected=[Seen()]
+        current=file(size=SIZE + 1, inode=INODE + 1),
+        stream=completed(),
+        expected=[Seen(file(size=SIZE + 1, inode=INODE + 1))],
     ),
     "completed, then shrank": Case(
-        current=file(size=SIZE - 1), stream=completed(), expected=[Seen()]
+        current=file(size=SIZE - 1), stream=completed(), expected=[Seen(file(size=SIZE - 1))]
     ),
     "completed, then patched (mtime)": Case(
-        current=file(mtime_ns=MTIME + 1), stream=completed(), expected=[Seen()]
+        current=file(mtime_ns=MTIME + 1),
+        stream=completed(),
+        expected=[Seen(file(mtime_ns=MTIME + 1))],
     ),
     "completed, then replaced (inode)": Case(
-        current=file(inode=INODE + 1), stream=completed(), expected=[Seen()]
+        current=file(inode=INODE + 1), stream=completed(), expected=[Seen(file(inode=INODE + 1))]
     ),
     "completed, changed back to the stream's last size": Case(
         # Compared with the completion (100 bytes), not stream.size (60).
         current=file(size=60, mtime_ns=1),
         stream=stream("completed", size=60, mtime_ns=1, completion=(SIZE, MTIME)),
-        expected=[Seen()],
+        expected=[Seen(file(size=60, mtime_ns=1))],
     ),
     "failed, unchanged": Case(current=file(), stream=stream("failed"), expected=[]),
     "failed, then changed": Case(
-        current=file(size=SIZE + 5), stream=stream("failed"), expected=[Seen()]
+        current=file(size=SIZE + 5), stream=stream("failed"), expected=[Seen(file(size=SIZE + 5))]
     ),
     "record, unchanged": Case(current=file(), stream=record("completed"), expected=[]),
-    "record, gone": Case(current=None, stream=record("completed"), expected=[Forget()]),
+    "record, gone": Case(current=None, stream=record("completed"), expected=[Forget("s1")]),
     "record, grew": Case(
-        current=file(size=SIZE + 1), stream=record("completed"), expected=[Seen(CONTINUES)]
+        current=file(size=SIZE + 1),
+        stream=record("completed"),
+        expected=[Seen(file(size=SIZE + 1), CONTINUES)],
     ),
     "record with parts, grew: the part MD5s travel in the Seen": Case(
         current=file(size=SIZE * 3),
         stream=record("completed", md5s=DIGESTS),
-        expected=[Seen(CONTINUES_PARTS)],
+        expected=[Seen(file(size=SIZE * 3), CONTINUES_PARTS)],
     ),
     "record with parts, patched in place (same size)": Case(
         current=file(mtime_ns=MTIME + 1),
         stream=record("completed", md5s=DIGESTS),
-        expected=[Seen()],
+        expected=[Seen(file(mtime_ns=MTIME + 1))],
     ),
     "record with parts, shrank": Case(
-        current=file(size=SIZE - 1), stream=record("completed", md5s=DIGESTS), expected=[Seen()]
+        current=file(size=SIZE - 1),
+        stream=record("completed", md5s=DIGESTS),
+        expected=[Seen(file(size=SIZE - 1))],
     ),
     "failed record, grew (no object to continue)": Case(
-        current=file(size=SIZE + 1), stream=record("failed"), expected=[Seen()]
+        current=file(size=SIZE + 1), stream=record("failed"), expected=[Seen(file(size=SIZE + 1))]
     ),
     "failed record, retry asked, grew": Case(
-        current=file(size=SIZE + 1), stream=record("failed", retry=True), expected=[Seen()]
+        current=file(size=SIZE + 1),
+        stream=record("failed", retry=True),
+        expected=[Seen(file(size=SIZE + 1))],
     ),
     "failed record, retry asked, unchanged file": Case(
-        current=file(), stream=record("failed", retry=True), expected=[Seen()]
+        current=file(), stream=record("failed", retry=True), expected=[Seen(file())]
     ),
     "completed record, retry flag ignored": Case(
         current=file(), stream=record("completed", retry=True), expected=[]
     ),
     "failed after delete, file reappears identical": Case(
-        current=file(), stream=stream("failed", gone="deleted"), expected=[Seen()]
+        current=file(), stream=stream("failed", gone="deleted"), expected=[Seen(file())]
     ),
     # --- live stream that is already being ended ---
     "live, deleted, file back": Case(current=file(), stream=stream(gone="deleted"), expected=[]),
@@ -214,34 +227,54 @@ CASES: dict[str, Case] = {
         expected=[],
     ),
     # --- shrink / replace while live ---
-    "shrank": Case(current=file(size=SIZE - 1), stream=stream(), expected=[Truncated(), Seen()]),
-    "shrank to zero": Case(current=file(size=0), stream=stream(), expected=[Truncated(), Seen()]),
+    "shrank": Case(
+        current=file(size=SIZE - 1),
+        stream=stream(),
+        expected=[Truncated("s1", SIZE - 1), Seen(file(size=SIZE - 1))],
+    ),
+    "shrank to zero": Case(
+        current=file(size=0), stream=stream(), expected=[Truncated("s1", 0), Seen(file(size=0))]
+    ),
     "new inode, same size": Case(
-        current=file(inode=INODE + 1), stream=stream(), expected=[Truncated(), Seen()]
+        current=file(inode=INODE + 1),
+        stream=stream(),
+        expected=[Truncated("s1", SIZE), Seen(file(inode=INODE + 1))],
     ),
     "new inode, bigger": Case(
         current=file(size=SIZE + 9, inode=INODE + 1),
         stream=stream(),
-        expected=[Truncated(), Seen()],
+        expected=[Truncated("s1", SIZE + 9), Seen(file(size=SIZE + 9, inode=INODE + 1))],
     ),
     "idle stream shrank": Case(
-        current=file(size=1), stream=stream("idle"), expected=[Truncated(), Seen()]
+        current=file(size=1),
+        stream=stream("idle"),
+        expected=[Truncated("s1", 1), Seen(file(size=1))],
     ),
     # --- growth ---
-    "grew": Case(current=file(size=SIZE + 1), stream=stream(), expected=[Grew()]),
+    "grew": Case(
+        current=file(size=SIZE + 1), stream=stream(), expected=[Grew("s1", file(size=SIZE + 1))]
+    ),
     "grew, mtime too": Case(
-        current=file(size=SIZE + 1, mtime_ns=MTIME + 1), stream=stream(), expected=[Grew()]
+        current=file(size=SIZE + 1, mtime_ns=MTIME + 1),
+        stream=stream(),
+        expected=[Grew("s1", file(size=SIZE + 1, mtime_ns=MTIME + 1))],
     ),
     "same size patched (mtime)": Case(
-        current=file(mtime_ns=MTIME + 1), stream=stream(), expected=[Grew()]
+        current=file(mtime_ns=MTIME + 1),
+        stream=stream(),
+        expected=[Grew("s1", file(mtime_ns=MTIME + 1))],
     ),
-    "grew after idle": Case(current=file(size=SIZE + 1), stream=stream("idle"), expected=[Grew()]),
+    "grew after idle": Case(
+        current=file(size=SIZE + 1),
+        stream=stream("idle"),
+        expected=[Grew("s1", file(size=SIZE + 1))],
+    ),
     "grew while quiet and complete (stat wins)": Case(
         current=file(size=SIZE + 1),
         stream=stream(),
         quiet_for=99.0,
         verdict=COMPLETE,
-        expected=[Grew()],
+        expected=[Grew("s1", file(size=SIZE + 1))],
     ),
     # --- quiet ---
     "quiet < settle": Case(current=file(), stream=stream(), quiet_for=0.5, expected=[]),
@@ -259,7 +292,7 @@ CASES: dict[str, Case] = {
         stream=stream(),
         quiet_for=1.0,
         verdict=COMPLETE,
-        expected=[Idle("settled")],
+        expected=[Stopped("s1", file(), "settled", COMPLETE)],
     ),
     "settled + complete, older idle sent": Case(
         current=file(),
@@ -267,7 +300,7 @@ CASES: dict[str, Case] = {
         quiet_for=1.0,
         verdict=COMPLETE,
         idle_sent=(SIZE - 1, MTIME - 1),
-        expected=[Idle("settled")],
+        expected=[Stopped("s1", file(), "settled", COMPLETE)],
     ),
     "quiet >= timeout, no verdict": Case(
         current=file(), stream=stream(), quiet_for=30.0, expected=[CheckMp4()]
@@ -303,21 +336,21 @@ CASES |= {
         stream=stream(),
         quiet_for=0.0,
         timing=COALESCE,
-        expected=[Grew()],
+        expected=[Grew("s1", file(size=SIZE + 10))],
     ),
     "coalesce: paused inside a part": Case(
         current=file(size=SIZE + 5),
         stream=stream(),
         quiet_for=0.25,
         timing=COALESCE,
-        expected=[Grew()],
+        expected=[Grew("s1", file(size=SIZE + 5))],
     ),
     "coalesce: shrink is never held back": Case(
         current=file(size=SIZE - 1),
         stream=stream(),
         quiet_for=0.0,
         timing=COALESCE,
-        expected=[Truncated(), Seen()],
+        expected=[Truncated("s1", SIZE - 1), Seen(file(size=SIZE - 1))],
     ),
 }
 
@@ -329,7 +362,11 @@ for _v in (INCOMPLETE, FRAGMENTED, INVALID):
 for _v in VERDICTS:
     # The timeout ends every stream, whatever its content.
     CASES[f"timeout + {_v.status.value}"] = Case(
-        current=file(), stream=stream(), quiet_for=30.0, verdict=_v, expected=[Idle("timeout")]
+        current=file(),
+        stream=stream(),
+        quiet_for=30.0,
+        verdict=_v,
+        expected=[Stopped("s1", file(), "timeout", _v)],
     )
 
 
@@ -401,7 +438,7 @@ def variants(base: FileStat) -> list[FileStat]:
 def looks(draw: st.DrawFn) -> Look:
     # Inputs are drawn *relative to each other*: independent draws would almost
     # never produce "file equals the stream and quiet just below settle", which
-    # is exactly where a wrong Idle would hide. Half of the draws focus on a
+    # is exactly where a wrong Stopped would hide. Half of the draws focus on a
     # live, not-gone stream whose file is unchanged or barely changed.
     if draw(st.booleans()):
         state: StreamState | None = draw(live_streams)
@@ -440,7 +477,7 @@ def looks(draw: st.DrawFn) -> Look:
     return Look(current, state, quiet_for, verdict, idle_sent, timing)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(look=looks())
 def test_decide_invariants(look: Look) -> None:
     current, state, quiet_for = look.current, look.state, look.quiet_for
@@ -448,7 +485,7 @@ def test_decide_invariants(look: Look) -> None:
     actions = decide(
         current, state, quiet_for=quiet_for, verdict=verdict, idle_sent=idle_sent, timing=timing
     )
-    if any(isinstance(a, Idle) for a in actions):
+    if any(isinstance(a, Stopped) for a in actions):
         # Finishing a stream whose file differs from what was uploaded, or that
         # has not been quiet for the settle time, would upload a torn file.
         assert current is not None and state is not None
@@ -460,21 +497,24 @@ def test_decide_invariants(look: Look) -> None:
         assert not state.terminal and state.gone is None
         # Early ("settled") only for a structurally complete file; otherwise
         # only after the full timeout.
-        assert (actions == [Idle("settled")] and verdict.status is Mp4Status.COMPLETE) or (
-            actions == [Idle("timeout")] and quiet_for >= timing.timeout
+        settled = Stopped(state.stream_id, current, "settled", verdict)
+        timeout = Stopped(state.stream_id, current, "timeout", verdict)
+        assert (actions == [settled] and verdict.status is Mp4Status.COMPLETE) or (
+            actions == [timeout] and quiet_for >= timing.timeout
         )
-    if Grew() in actions:
+    if any(isinstance(a, Grew) for a in actions):
         # Growth is reported only for a live stream whose file really differs.
-        assert actions == [Grew()]
         assert current is not None and state is not None and not state.terminal
+        assert actions == [Grew(state.stream_id, current)]
         assert (current.size, current.mtime_ns) != (state.size, state.mtime_ns)
     if state is not None and state.terminal:
         # A completed object is never appended to: changed content is a new
         # stream; a file that left the disk only drops the record.
-        assert actions in ([], [Seen()], [Forget()]) or (
-            len(actions) == 1 and isinstance(actions[0], Seen) and actions[0].continues
+        new = [a for a in actions if isinstance(a, Seen) and a.stat == current]
+        assert actions in ([], [Forget(state.stream_id)]) or (len(new) == 1 and actions == new)
+        assert (actions == [Forget(state.stream_id)]) == (
+            current is None and state.gone != "deleted"
         )
-        assert (actions == [Forget()]) == (current is None and state.gone != "deleted")
     # A continuation exactly when the file of a completed object grew in
     # place, and it names that object.
     continued = [a.continues for a in actions if isinstance(a, Seen) and a.continues]
@@ -495,11 +535,12 @@ def test_decide_invariants(look: Look) -> None:
         # The uploader is already ending this stream; a second Truncated/Seen
         # would start a duplicate stream before the first one is terminal.
         assert actions == []
-    if Truncated() in actions:
-        assert actions == [Truncated(), Seen()]
-    if Gone() in actions:
-        assert current is None and actions == [Gone()]
-    if Forget() in actions:
+    if any(isinstance(a, Truncated) for a in actions):
+        assert current is not None and state is not None
+        assert actions == [Truncated(state.stream_id, current.size), Seen(current)]
+    if any(isinstance(a, Gone) for a in actions):
+        assert current is None and state is not None and actions == [Gone(state.stream_id)]
+    if any(isinstance(a, Forget) for a in actions):
         assert current is None and state is not None and state.terminal
     assert len(actions) == len(set(map(type, actions)))
 
@@ -529,7 +570,7 @@ def _watch_over_time(
     return acted
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(state=live_streams, grown=st.integers(1, 25), patched=st.booleans(), timing=timings())
 def test_a_growing_file_is_reported(
     state: StreamState, grown: int, patched: bool, timing: Timing
@@ -538,11 +579,11 @@ def test_a_growing_file_is_reported(
     the latest once the file paused for the coalescing time."""
     current = FileStat(state.size + grown, state.mtime_ns + int(patched), state.inode)
     acted = _watch_over_time(current, state, COMPLETE, timing, until=timing.coalesce)
-    assert acted and acted[0][1] == [Grew()], acted
+    assert acted and acted[0][1] == [Grew(state.stream_id, current)], acted
     assert acted[0][0] <= timing.coalesce
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(state=live_streams, verdict=st.sampled_from(VERDICTS), timing=timings())
 def test_a_quiet_file_goes_idle(state: StreamState, verdict: Mp4Verdict, timing: Timing) -> None:
     """A live stream whose file stopped changing goes idle: after the settle
@@ -553,8 +594,10 @@ def test_a_quiet_file_goes_idle(state: StreamState, verdict: Mp4Verdict, timing:
     quiet_for, actions = acted[0]
     if verdict.status is Mp4Status.COMPLETE:
         # (with settle == timeout the timeout rule comes first: also idle)
-        assert actions in ([Idle("settled")], [Idle("timeout")]), acted
+        settled = Stopped(state.stream_id, current, "settled", verdict)
+        timeout = Stopped(state.stream_id, current, "timeout", verdict)
+        assert actions in ([settled], [timeout]), acted
         assert quiet_for <= timing.settle
     else:
-        assert actions == [Idle("timeout")], acted
+        assert actions == [Stopped(state.stream_id, current, "timeout", verdict)], acted
         assert quiet_for <= timing.timeout

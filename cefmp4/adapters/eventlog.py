@@ -6,11 +6,22 @@ an id (every replica's projection follower), and the consumer-group verbs
 connection problems and timeouts are transient and retried until Redis is back
 (the facts are not lost meanwhile: the files are still on disk and the
 unacknowledged messages stay pending); anything else is permanent.
+
+Contract, for every method below: a Redis connection problem, timeout or AOF
+replay is retried until Redis answers (the call waits, it does not raise
+``TransientError``, unless the task is cancelled); any other Redis refusal is a
+``PermanentError`` with reason ``redis_error`` (e.g. XADD or XREADGROUP on a
+key that is not a stream, or XREADGROUP of a group that does not exist).
+The plain reads (``read_after``, ``read_raw_after``, ``wait_raw_after``) of a
+log that does not exist yet answer as for an empty one. Entry ids
+are Redis stream ids (``"<ms>-<seq>"``), strictly increasing in append order.
+``tests/contracts/eventlog.py`` pins the append-and-read part; the consumer
+group verbs are covered by the consumer loop's tests against Redis.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -74,12 +85,21 @@ class EventLog:
         return await call_redis(op, attempts=None)
 
     async def append(self, event: Event) -> str:
+        """Append ``event`` (stamped with this replica) and return its entry
+        id, greater than every id before. Not idempotent: each call is a new
+        entry (a retry after a lost answer can append twice). Appends about
+        a stream that a process holds go through ``leases.Fence.append``
+        instead, which adds the lease check."""
         fields = encode(event, self.replica)
         entry_id = await self._call(lambda: self._redis.xadd(self.key, fields))  # type: ignore[arg-type]
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     async def read_after(self, last_id: str, count: int = 10_000) -> list[Entry]:
-        """Entries after ``last_id`` (no blocking): the follower's catch-up read."""
+        """Up to ``count`` entries with id > ``last_id``, oldest first, decoded
+        (an entry this code cannot decode is an ``UnknownEvent``, not an
+        error); ``[]`` when there are none (or no log). ``"0-0"`` reads from
+        the start; ``last_id`` need not be an id in the log. Never blocks:
+        the follower's catch-up read. Reads only."""
         raw: Any = await self._call(
             lambda: self._raw.execute_command(  # type: ignore[no-untyped-call]
                 "XREAD", "COUNT", count, "STREAMS", self.key, last_id
@@ -100,7 +120,8 @@ class EventLog:
     ) -> list[RawEntry]:
         """Up to ``count`` entries with ``last_id`` < id (< ``until`` if given),
         undecoded (``archive_format.RawEntry``): what the archive stores and
-        ``cefmp4 events`` prints, so entries of unknown types come through too."""
+        ``cefmp4 events`` prints, so entries of unknown types come through too.
+        Oldest first; ``[]`` when there are none. Never blocks. Reads only."""
         if until == ZERO_ID:
             return []  # nothing is below 0-0, and "(0-0" is not a valid XRANGE end
         end = "+" if until is None else f"({until}"
@@ -113,7 +134,8 @@ class EventLog:
 
     async def wait_raw_after(self, last_id: str, count: int, block_ms: int) -> list[RawEntry]:
         """Like :meth:`read_raw_after` without a bound, but waits up to
-        ``block_ms`` for a first entry (XREAD BLOCK): a tail that follows."""
+        ``block_ms`` for a first entry (XREAD BLOCK): a tail that follows.
+        ``[]`` when none came within ``block_ms``. Reads only."""
         raw: Any = await self._call(
             lambda: self._raw.execute_command(  # type: ignore[no-untyped-call]
                 "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key, last_id
@@ -125,7 +147,8 @@ class EventLog:
 
     async def ensure_group(self, group: str) -> None:
         """Create ``group`` at the start of the log, so a new deployment acts on
-        everything already recorded; an existing group is left as it is."""
+        everything already recorded; an existing group is left as it is
+        (idempotent). Creates the log (empty) if there is none yet."""
 
         async def create() -> None:
             try:
@@ -139,11 +162,41 @@ class EventLog:
     async def read_group(
         self, group: str, consumer: str, count: int, block_ms: int | None
     ) -> list[Entry]:
+        """Up to ``count`` entries never delivered to ``group`` before, oldest
+        first; they become pending for ``consumer`` until acknowledged. Waits
+        up to ``block_ms`` for one when there are none (``None``: does not
+        wait); ``[]`` if none came. Not idempotent: an entry is delivered once
+        this way (again only through :meth:`claim_stale`). A group that does
+        not exist is a ``PermanentError`` (NOGROUP): call ``ensure_group``."""
         raw: Any = await self._call(
             lambda: self._redis.xreadgroup(
                 group, consumer, {self.key: ">"}, count=count, block=block_ms
             )
         )
+        return self._entries(raw[0][1]) if raw else []
+
+    async def ack_and_read(
+        self,
+        group: str,
+        consumer: str,
+        acks: Sequence[str],
+        count: int,
+        block_ms: int | None,
+    ) -> list[Entry]:
+        """XACK ``acks``, then XREADGROUP as :meth:`read_group`, in one round
+        trip (a pipeline, not a transaction: an XACK that took effect before a
+        failed read is acknowledged for good, and acknowledging it again on
+        the retry is a no-op)."""
+        if not acks:
+            return await self.read_group(group, consumer, count, block_ms)
+
+        async def both() -> Any:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self.key, group, *acks)
+                pipe.xreadgroup(group, consumer, {self.key: ">"}, count=count, block=block_ms)
+                return await pipe.execute()
+
+        _acked, raw = await self._call(both)
         return self._entries(raw[0][1]) if raw else []
 
     def _entries(self, raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
@@ -158,6 +211,9 @@ class EventLog:
         returns the cursor to continue from (``"0-0"`` once the pass reached
         the end) and the entries claimed. Redis scans at most ten times
         ``count`` pending entries per call, so a long backlog takes several.
+        Claimed entries are pending for ``consumer`` with their idle time
+        reset and their delivery count raised; entries trimmed from the log
+        while pending are not returned.
         """
         reply = await self._call(
             lambda: self._redis.xautoclaim(
@@ -175,6 +231,8 @@ class EventLog:
         delivery count unchanged) with their idle time set to ``idle_ms``, so
         the next claim pass of any replica - a newer one, say - takes them
         rather than waiting for this one's claim to go stale again.
+        Idempotent; no entry ids: no call. Ids that are not pending are
+        ignored.
         """
         if entry_ids:
             await self._call(
@@ -184,5 +242,8 @@ class EventLog:
             )
 
     async def ack(self, group: str, *entry_ids: str) -> None:
+        """Acknowledge: the entries are no longer pending for ``group`` and
+        are never delivered to it again. Idempotent (acknowledging an entry
+        that is not pending does nothing); no entry ids: no call."""
         if entry_ids:
             await self._call(lambda: self._redis.xack(self.key, group, *entry_ids))

@@ -76,6 +76,15 @@ class LeaseBusy(TransientError):
 
 
 class Lease:
+    """One lease key in Redis (see the module docstring).
+
+    :param redis: where the key lives.
+    :param key: the lease key, e.g. ``<prefix>:lease:watcher``.
+    :param owner: this replica's name, the start of every token.
+    :param ttl: seconds the lease lasts unless renewed.
+    :param monotonic: the local clock that says when an unrenewed lease is lost.
+    """
+
     def __init__(
         self,
         redis: aioredis.Redis,
@@ -208,9 +217,19 @@ class Fence:
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
-class StreamGuard:
-    """One actor per stream: a local lock (tasks of this process) plus the
-    stream's Redis lease (other replicas). Yields the stream's Fence."""
+class StreamLeases:
+    """One actor per stream: :meth:`hold` takes the stream's lock
+    (``StreamLocks``, tasks of this process) and then its Redis lease (other
+    replicas), keeps the lease renewed and yields the stream's Fence.
+
+    :param redis: where the leases live.
+    :param key_prefix: ``REDIS_KEY_PREFIX``; a stream's lease is
+        ``<prefix>:lease:stream:<stream id>``.
+    :param events_key: the event stream the Fence appends to.
+    :param owner: this replica's name, the start of every token.
+    :param ttl: the lease TTL in seconds; also how long ``hold`` waits for a
+        lease held elsewhere before it raises ``LeaseBusy``.
+    """
 
     def __init__(
         self,
@@ -226,11 +245,11 @@ class StreamGuard:
         self._events_key = events_key
         self._owner = owner
         self._ttl = ttl
-        self._local = StreamLocks()
+        self._locks = StreamLocks()
 
     @contextlib.asynccontextmanager
     async def hold(self, stream_id: str) -> AsyncIterator[Fence]:
-        async with self._local.hold(stream_id):
+        async with self._locks.hold(stream_id):
             lease = Lease(self._redis, f"{self._prefix}:lease:stream:{stream_id}", self._owner,
                           self._ttl)  # fmt: skip
             # Wait up to one TTL: long enough for the lease of a crashed holder

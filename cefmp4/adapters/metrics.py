@@ -138,6 +138,13 @@ class Metrics:
             "Age of the oldest live stream since its FileSeen (0: none live)",
             registry=registry,
         )
+        # The close fast path (cefmp4.adapters.closes): off with WATCH_POLL, off
+        # Linux, at the inotify limits; then files finish by quiet time only.
+        self.close_notifications = Gauge(
+            "cefmp4_close_notifications",
+            "1 while the watcher gets the writers' close signals (inotify), 0 when not",
+            registry=registry,
+        )
         self.watcher_lease = Gauge(
             "cefmp4_watcher_lease_held",
             "1 while this replica holds the watcher lease (watches the directory)",

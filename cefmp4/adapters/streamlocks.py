@@ -1,10 +1,12 @@
-"""Per-stream mutual exclusion inside one process.
+"""Per-stream mutual exclusion inside one process: an asyncio lock per stream.
 
-The uploader, the finalizer and the watcher's reactions may all touch one
+The uploader, the finalizer and the supervisor's failer may all touch one
 multipart upload; holding the stream's lock while deciding and acting keeps a
-decision and its outcome event together. Locks are created on demand and
-dropped when nobody holds or waits for them, so the table does not grow with
-the number of recordings ever seen.
+decision and its outcome event together. This is the in-process half of
+``leases.StreamLeases`` (tasks of this process queue here instead of polling
+Redis for the lease). Locks are created on demand and dropped when nobody
+holds or waits for them, so the table does not grow with the number of
+recordings ever seen.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from contextlib import asynccontextmanager
 
 
 class StreamLocks:
+    """An ``asyncio.Lock`` per stream id, made on first use and dropped with its
+    last user; ``len`` is the number of streams held or waited for."""
+
     def __init__(self) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 

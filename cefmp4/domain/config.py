@@ -60,6 +60,10 @@ class Config(
     )
     stream_timeout_seconds: PositiveFloat = 30.0
     settle_seconds: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    # After the writer closed a file (or renamed it into place; inotify, Linux
+    # only), how long it must stay unchanged before a structurally complete
+    # file is finalized: covers writers that close and reopen to append.
+    close_guard_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.2
     # The safety net for missed notifications: a full walk + stat of WATCH_DIR
     # (about 0.4 CPU-s per 100k files, so not every few seconds on a recorder box).
     rescan_interval_seconds: PositiveFloat = 60.0
@@ -88,6 +92,13 @@ class Config(
     # outages are waited out however long (cefmp4.runtime.startup).
     redis_start_timeout_seconds: PositiveFloat = 60.0
     ffprobe_path: str = "ffprobe"
+    # How the metadata sidecar describes a recording (consumers.metadata):
+    # ``auto`` reads duration and codecs from the MP4's own boxes when they
+    # settle everything ffprobe would report (a complete H.264/AAC-LC MP4,
+    # cefmp4.domain.mp4meta) and runs ffprobe otherwise; ``ffprobe`` always
+    # runs it (one process per recording); ``boxes`` never does (what the
+    # boxes cannot describe gets ``duration_seconds: null`` and the reason).
+    metadata_probe: Literal["auto", "boxes", "ffprobe"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     app_env: Literal["development", "production"] = "development"
     # The HTTP endpoint (metrics, /healthz, /readyz; cefmp4.runtime.httpserver): unset

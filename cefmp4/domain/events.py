@@ -38,6 +38,9 @@ import msgspec
 
 Mp4State = Literal["complete", "incomplete", "fragmented", "invalid"]
 IdleReason = Literal["settled", "timeout"]
+# What made the watcher look: the file stayed quiet (settle or timeout), or
+# the writer closed it / moved it into place (inotify, Linux).
+IdleCause = Literal["quiet", "closed"]
 # RFC 3339 in JSON; msgspec's schema leaves the format out, other languages want it.
 UtcDatetime = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
 
@@ -163,6 +166,7 @@ class StreamIdle(Event, frozen=True, kw_only=True):
     reason: IdleReason
     mp4: Mp4State
     mp4_reason: str = ""
+    cause: IdleCause = "quiet"  # optional (v1 readers and entries without it: "quiet")
 
 
 class StreamCompleted(Event, frozen=True, kw_only=True):

@@ -35,6 +35,16 @@ Verdicts (``Mp4Status``)
         MPEG-TS file). A file shorter than one header is INVALID only if no
         extension of it could be a plausible header; otherwise INCOMPLETE.
 
+Finished when closed (``complete_when_closed``)
+    When the writer closed the file (inotify's IN_CLOSE_WRITE, or a rename
+    into place), a COMPLETE file is done, and so is a FRAGMENTED one that
+    ends with a whole ``mfra`` (movie fragment random access) box: writers
+    put it last, once, when they finish, and its closing ``mfro`` box repeats
+    the ``mfra``'s size, so a matching pair cannot be a fragment in flight.
+    A fragmented file without ``mfra`` stays unknowable and goes by the idle
+    timeout. ``ends_with_mfra`` is separate from ``check_structure`` so the
+    verdicts (and the settle rule built on them) are unchanged.
+
 What this check cannot see: a payload rewritten in place under an unchanged,
 already consistent box tree (the tail end of a faststart rewrite). The settle
 time, during which the file must not change, covers that.
@@ -72,6 +82,9 @@ __all__ = [
     "Mp4Verdict",
     "check_file",
     "check_structure",
+    "complete_when_closed",
+    "ends_with_mfra",
+    "file_ends_with_mfra",
     "iter_child_boxes",
     "iter_top_level_boxes",
 ]
@@ -417,5 +430,59 @@ def check_file(path: str | bytes | os.PathLike[str]) -> Mp4Verdict:
             return _check(_PreadSource(fd, size))
         except _Shrunk:
             return Mp4Verdict(Mp4Status.INCOMPLETE, "file shrank while being checked")
+    finally:
+        os.close(fd)
+
+
+# -- finished when closed -------------------------------------------------
+
+_MFRO_SIZE = 16  # full box: header, version + flags, the mfra size
+
+
+def _ends_with_mfra(src: _Source) -> bool:
+    boxes, fault = _tile(src, 0, len(src), top_level=True)
+    if fault is not None or not boxes or boxes[-1].type != "mfra":
+        return False
+    mfra = boxes[-1]
+    children, fault = _tile(src, mfra.payload_offset, mfra.end, top_level=False)
+    if fault is not None or not children:
+        return False
+    mfro = children[-1]
+    if mfro.type != "mfro" or mfro.size != _MFRO_SIZE or mfro.header_size != 8:
+        return False
+    (announced,) = struct.unpack(">I", _read(src, mfro.offset + 12, mfro.offset + 16))
+    return bool(announced == mfra.size)
+
+
+def ends_with_mfra(buf: bytes | bytearray | memoryview | mmap.mmap) -> bool:
+    """The top-level boxes tile ``buf`` and the last is an ``mfra`` whose
+    children tile it and end with an ``mfro`` naming the ``mfra``'s size.
+    Pure; never raises."""
+    try:
+        return _ends_with_mfra(_as_bytes_view(buf))
+    except _Shrunk:
+        return False
+
+
+def complete_when_closed(verdict: Mp4Verdict, mfra: bool) -> bool:
+    """Is a file the writer closed finished? ``verdict`` is its
+    ``check_structure``, ``mfra`` its ``ends_with_mfra``."""
+    if verdict.status is Mp4Status.COMPLETE:
+        return True
+    return verdict.status is Mp4Status.FRAGMENTED and mfra
+
+
+def file_ends_with_mfra(path: str | bytes | os.PathLike[str]) -> bool:
+    """``ends_with_mfra`` of the file at ``path`` as it is now (header reads
+    only, like ``check_file``). OSError propagates."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
+        try:
+            return _ends_with_mfra(_PreadSource(fd, st.st_size))
+        except _Shrunk:
+            return False
     finally:
         os.close(fd)

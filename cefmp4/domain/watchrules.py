@@ -3,8 +3,11 @@
 Inputs are the file's current stat, what the projection knows of the path
 (its newest open stream, or the record of its finished recording), how long
 the file has been quiet (as seen by this watcher), the MP4 verdict if it was
-computed, and which (size, mtime) this process already
-reported idle. The output is a list of actions the watcher turns into events.
+computed, whether the writer closed the file (and how long ago), and which
+(size, mtime) this process already reported idle. The output is a list of
+actions the watcher turns into events; each carries what its event needs (the
+stream, the stat, the verdict), so the watcher reports it without looking
+anything up again.
 Keeping this pure makes the rules testable exhaustively, and keeps the watcher
 level-triggered: it never needs to remember what it emitted before a restart,
 because the projection says it.
@@ -21,8 +24,16 @@ Rules, in order:
 * shrank or replaced (new inode) while live -> ``Truncated`` + ``Seen``;
 * grew or patched -> ``Grew``, coalesced: at once when a new whole part
   exists, otherwise when the file pauses;
+* closed by its writer (or moved into place) ``close_guard`` ago, unchanged
+  since, and finished by its structure (``mp4.complete_when_closed``: a
+  complete MP4, or a fragmented one ending with its ``mfra``) -> ``Stopped``
+  with cause ``closed``, at once rather than after ``settle``;
 * quiet for ``settle`` and structurally complete, or quiet for ``timeout``
-  whatever the content -> ``Idle`` (once per (size, mtime) per process).
+  whatever the content -> ``Stopped`` (once per (size, mtime) per process).
+
+A close is the same decision as quiet time, only earlier: it yields the same
+``Stopped`` action, and a close that does not prove the file finished leaves
+it to the quiet-time rules.
 """
 
 from __future__ import annotations
@@ -31,44 +42,64 @@ from typing import Literal
 
 import msgspec
 
-from cefmp4.domain.events import Continues
+from cefmp4.domain.events import Continues, IdleCause
 from cefmp4.domain.filerules import FileStat
-from cefmp4.domain.mp4 import Mp4Status, Mp4Verdict
+from cefmp4.domain.mp4 import Mp4Status, Mp4Verdict, complete_when_closed
 from cefmp4.domain.partplan import whole_part_count
 from projections.streams import FileRecord, StreamState, record_of
 
 
 class Seen(msgspec.Struct, frozen=True):
-    """A new stream; ``continues`` when its file extends a completed object."""
+    """A new stream of the file as ``stat`` shows it; ``continues`` when the
+    file extends a completed object."""
 
+    stat: FileStat
     continues: Continues | None = None
 
 
 class Grew(msgspec.Struct, frozen=True):
-    pass
+    """The live stream's file grew or was patched: report ``stat``."""
+
+    stream_id: str
+    stat: FileStat
 
 
 class Gone(msgspec.Struct, frozen=True):
-    pass
+    """The live stream's file left the disk."""
+
+    stream_id: str
 
 
 class Truncated(msgspec.Struct, frozen=True):
-    pass
+    """The live stream's file shrank to ``size`` or was replaced."""
+
+    stream_id: str
+    size: int
 
 
 class Forget(msgspec.Struct, frozen=True):
     """A finished recording's file left the disk: drop its record."""
+
+    stream_id: str
 
 
 class CheckMp4(msgspec.Struct, frozen=True):
     """Ask the caller to walk the MP4 boxes and decide again with the verdict."""
 
 
-class Idle(msgspec.Struct, frozen=True):
+class Stopped(msgspec.Struct, frozen=True):
+    """The recorder is done with the file (quiet and complete, quiet past the
+    timeout, or closed and finished: ``cause``): report ``StreamIdle`` so the
+    finalizer ends the stream."""
+
+    stream_id: str
+    stat: FileStat
     reason: Literal["settled", "timeout"]
+    verdict: Mp4Verdict
+    cause: IdleCause = "quiet"
 
 
-Action = Seen | Grew | Gone | Truncated | Forget | CheckMp4 | Idle
+Action = Seen | Grew | Gone | Truncated | Forget | CheckMp4 | Stopped
 
 
 class Timing(msgspec.Struct, frozen=True):
@@ -79,6 +110,8 @@ class Timing(msgspec.Struct, frozen=True):
     # file paused for `coalesce` seconds. chunk=0 reports every change.
     chunk: int = 0
     coalesce: float = 0.0
+    # How long a closed file must stay unchanged before its close counts.
+    close_guard: float = 0.2
 
 
 def decide(
@@ -89,7 +122,13 @@ def decide(
     verdict: Mp4Verdict | None,
     idle_sent: tuple[int, int] | None,
     timing: Timing,
+    closed_for: float | None = None,
+    mfra: bool = False,
 ) -> list[Action]:
+    """``closed_for``: seconds since the writer closed the file (or moved it
+    in), None when it did not or the file changed since; ``mfra``: the file
+    ends with a complete ``mfra`` (``mp4.ends_with_mfra``; only read with a
+    FRAGMENTED verdict)."""
     if isinstance(stream, StreamState) and stream.terminal:
         # A terminal stream speaks for its file the way its record does.
         stream = None if stream.gone == "deleted" else record_of(stream)
@@ -97,30 +136,37 @@ def decide(
         return _decide_finished(current, stream)
     if current is None:
         if stream is not None and stream.gone is None:
-            return [Gone()]
+            return [Gone(stream.stream_id)]
         return []
     if stream is None:
-        return [Seen()]
+        return [Seen(current)]
     if stream.gone is not None:
         return []  # the uploader is ending it; a new stream follows once it is terminal
     if current.inode != stream.inode or current.size < stream.size:
-        return [Truncated(), Seen()]
+        return [Truncated(stream.stream_id, current.size), Seen(current)]
     if (current.size, current.mtime_ns) != (stream.size, stream.mtime_ns):
         if timing.chunk == 0 or quiet_for >= timing.coalesce:
-            return [Grew()]
+            return [Grew(stream.stream_id, current)]
         new_part = whole_part_count(current.size, timing.chunk) > whole_part_count(
             stream.size, timing.chunk
         )
-        return [Grew()] if new_part else []
+        return [Grew(stream.stream_id, current)] if new_part else []
     if idle_sent == (current.size, current.mtime_ns):
         return []
+    if closed_for is not None and closed_for >= timing.close_guard:
+        if verdict is None:
+            return [CheckMp4()]
+        if complete_when_closed(verdict, mfra):
+            return [Stopped(stream.stream_id, current, "settled", verdict, "closed")]
     if quiet_for >= timing.timeout:
-        return [CheckMp4()] if verdict is None else [Idle("timeout")]
+        if verdict is None:
+            return [CheckMp4()]
+        return [Stopped(stream.stream_id, current, "timeout", verdict)]
     if quiet_for >= timing.settle:
         if verdict is None:
             return [CheckMp4()]
         if verdict.status is Mp4Status.COMPLETE:
-            return [Idle("settled")]
+            return [Stopped(stream.stream_id, current, "settled", verdict)]
     return []
 
 
@@ -139,12 +185,12 @@ def settled_file(record: FileRecord, current: FileStat) -> bool:
 
 def _decide_finished(current: FileStat | None, record: FileRecord) -> list[Action]:
     if current is None:
-        return [Forget()]
+        return [Forget(record.stream_id)]
     if settled_file(record, current):
         return []
     if record.retry and record.status == "failed":
-        return [Seen()]
-    return [Seen(_continuation(current, record))]
+        return [Seen(current)]
+    return [Seen(current, _continuation(current, record))]
 
 
 def _continuation(current: FileStat, record: FileRecord) -> Continues | None:

@@ -13,6 +13,18 @@ acknowledged, so one bad recording can never become a crash loop. A transient
 failure that outlived the adapters' retries leaves the message pending; it is
 claimed again after ``CLAIM_IDLE_SECONDS`` (by this or another replica).
 
+Round trips: acknowledgements are sent with the next read (XACK and
+XREADGROUP in one pipeline), so a busy group pays one round trip per poll
+for its reads, the entries it ignores and the messages its handlers finished
+since the last poll, not one per message. A handler that finishes while the
+loop waits in a blocking read (a quiet log) acknowledges its message at once,
+so nothing stays pending for the length of a block, and ``drain`` sends what
+is left. Acknowledging later than possible is always safe (at worst a
+message is delivered again after a crash, and handlers are idempotent);
+acknowledging before the effect never happens. A read asks for
+``READ_AHEAD`` entries per free slot, since a group acts on only some of the
+log's types and acknowledges the rest unhandled.
+
 Claims: every ``CLAIM_IDLE_SECONDS / 2`` a pass over the group's pending
 entries starts (XAUTOCLAIM from ``0-0``) and goes on, one page per poll and
 without blocking, until the cursor Redis returns is ``0-0`` again; so a backlog
@@ -48,18 +60,62 @@ log = structlog.get_logger(__name__)
 # Undecodable entry ids remembered per consumer (for "log once"); beyond this
 # the oldest are forgotten and, if still pending, logged once more.
 REMEMBERED_UNDECODABLE = 10_000
+# Entries read per free handler slot. Each group acts on about one type in
+# four of a recording's events (FileSeen / StreamIdle / StreamCompleted of
+# FileSeen, StreamIdle, StreamCompleted, MetadataWritten), so four per slot
+# keep the slots busy with one read; the entries beyond the slots wait for
+# one in this consumer's pending list, as a single read's entries always did.
+READ_AHEAD = 4
 
 FailStream = Callable[[str, FailReason, str], Awaitable[None]]
 
 
 class Handler(Protocol):
+    """What a consumer group runs for each event it wants.
+
+    ``group`` names the Redis consumer group (one per kind of work; every
+    replica joins it). ``wants`` lists the event types it acts on; the loop
+    acknowledges every other type without calling it.
+    """
+
     group: str
     wants: tuple[type[Event], ...]
 
-    async def handle(self, event: Event) -> None: ...
+    async def handle(self, event: Event) -> None:
+        """Act on ``event`` and append its outcome; returning means done.
+
+        Delivery is at-least-once (a crash before the acknowledgement, a
+        claim after a stale lease), so ``handle`` must be idempotent: a second
+        call for the same event, after a first that finished or died at any
+        step, must leave the store and the log as one call would (decide from
+        the projection, which already holds the earlier outcome). Nothing to
+        do (an unknown or ended stream) is a plain return.
+
+        It raises rather than catching to log: ``TransientError`` or
+        ``DeploymentBlocked`` leaves the message pending (retried after the
+        claim idle time); ``StreamEnded`` and any other ``PermanentError``
+        ends the stream (``StreamFailed`` with its ``reason``) and
+        acknowledges; any other exception is treated as a bug, recorded as
+        ``internal_error``. The loop does that (``GroupConsumer._supervised``);
+        a handler never appends ``StreamFailed`` itself.
+        """
+        ...
 
 
 class GroupConsumer:
+    """One consumer group's worker for ``handler`` (see the module docstring).
+
+    :param events: the event log it reads, acknowledges and claims from.
+    :param handler: what acts on the group's messages; its ``group`` names
+        the consumer group and ``wants`` the event types it handles.
+    :param consumer: this replica's consumer name within the group.
+    :param fail: ends a stream whose handler failed for good (``failer``).
+    :param metrics: where handled messages and errors are counted.
+    :param concurrency: messages handled at once.
+    :param claim_idle_seconds: how long a message stays pending before a
+        claim pass takes it over (``CLAIM_IDLE_SECONDS``).
+    """
+
     def __init__(
         self,
         events: EventLog,
@@ -83,6 +139,9 @@ class GroupConsumer:
         self._claim_cursor = "0-0"  # "0-0": no claim pass under way
         self._undecodable: dict[str, None] = {}  # ids logged, oldest first
         self._inflight: set[asyncio.Task[None]] = set()
+        # Handled or ignored, not yet acknowledged: sent with the next read.
+        self._acks: list[str] = []
+        self._blocking = False  # the loop is inside a blocking read
         self.group = handler.group
 
     async def start(self) -> None:
@@ -106,15 +165,32 @@ class GroupConsumer:
     async def drain(self) -> None:
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        try:
+            await self._events.ack(self.group, *acks)
+        except BaseException:
+            self._acks = acks + self._acks  # not known to be acknowledged: keep them
+            raise
 
     async def _poll(self, block_ms: int | None, *, claim: bool = False) -> int:
         entries = await self._claim(force=claim)
         free = max(1, self._concurrency - len(self._inflight))
         passing = bool(entries) or self._claim_cursor != "0-0"
-        entries += await self._events.read_group(
-            self.group, self._consumer, free, None if passing else block_ms
-        )
-        ignored = []
+        block = None if passing else block_ms
+        acks, self._acks = self._acks, []
+        self._blocking = block is not None
+        try:
+            entries += await self._events.ack_and_read(
+                self.group, self._consumer, acks, free * READ_AHEAD, block
+            )
+        except BaseException:
+            self._acks = acks + self._acks  # not known to be acknowledged: keep them
+            raise
+        finally:
+            self._blocking = False
         undecodable = []
         for entry_id, event in entries:
             if isinstance(event, UnknownEvent):
@@ -122,13 +198,12 @@ class GroupConsumer:
                 self._note_undecodable(entry_id, event)
                 continue
             if not isinstance(event, self._handler.wants):
-                ignored.append(entry_id)
+                self._acks.append(entry_id)  # nothing to do: acknowledged with the next read
                 continue
             await self._slots.acquire()
             task = asyncio.create_task(self._dispatch(entry_id, event))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
-        await self._events.ack(self.group, *ignored)
         await self._events.release(self.group, self._consumer, self._claim_idle_ms, *undecodable)
         return len(entries)
 
@@ -198,4 +273,9 @@ class GroupConsumer:
             self._metrics.handler_errors.labels(self.group, "internal").inc()
             bound.exception("handler crashed")  # the traceback; the failer logs the end
             await self._fail(event.stream_id, "internal_error", f"{type(exc).__name__}: {exc}")
-        await self._events.ack(self.group, entry_id)
+        if self._blocking:
+            # The loop waits for new entries (up to its block): do not make
+            # this message wait with it.
+            await self._events.ack(self.group, entry_id)
+        else:
+            self._acks.append(entry_id)

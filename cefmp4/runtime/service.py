@@ -28,7 +28,7 @@ from cefmp4.adapters.archive import EventArchive, archive_through
 from cefmp4.adapters.blocked import Blocked
 from cefmp4.adapters.clients import redis_client, s3_client
 from cefmp4.adapters.eventlog import EventLog, call_redis
-from cefmp4.adapters.leases import Fence, Lease, StreamGuard
+from cefmp4.adapters.leases import Fence, Lease, StreamLeases
 from cefmp4.adapters.metrics import Metrics
 from cefmp4.adapters.retry import transient
 from cefmp4.adapters.s3store import S3Store
@@ -65,6 +65,20 @@ async def connect(config: Config) -> AsyncIterator[tuple[aioredis.Redis, ObjectS
 
 
 class Service:
+    """One CefMP4 process: the adapters, the projection, the watcher and the
+    consumer groups wired together (see the module docstring); ``start`` then
+    ``run(stop)``.
+
+    :param config: the parsed, immutable Config.
+    :param redis: the client every Redis user of the process shares.
+    :param store: the object store (wrapped so its calls wait while the
+        deployment is blocked).
+    :param registry: where the process's Prometheus metrics are registered.
+    :param now: the wall clock of events and metrics (injected by tests).
+    :param health: the liveness/readiness state the HTTP server reports; a
+        new one when not given.
+    """
+
     def __init__(
         self,
         config: Config,
@@ -102,7 +116,7 @@ class Service:
             events=events,
             projection=projection,
             store=store,
-            locks=StreamGuard(
+            stream_leases=StreamLeases(
                 redis,
                 key_prefix=config.redis_key_prefix,
                 events_key=config.events_key,

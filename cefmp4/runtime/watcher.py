@@ -5,8 +5,15 @@ polling with ``WATCH_POLL=true`` for NFS/SMB mounts where inotify sees no
 remote writes), a tick that re-stats every live recording (watchfiles reports
 no close events, so "quiet for N seconds" is measured here), and a full rescan
 every ``RESCAN_INTERVAL_SECONDS`` that catches anything the notifications
-missed. At start it scans first, so files that arrived while the service was
-down are picked up.
+missed. On Linux, inotify's close signals (``cefmp4.adapters.closes``:
+IN_CLOSE_WRITE, IN_MOVED_TO) say when a writer is done; a close fact wakes
+the tick for that path at once and feeds ``decide`` (``closed_for``), which
+may then call the file idle before the settle time (see ``watchrules``). The
+fact holds only for the (size, mtime, inode) of the first stat taken after
+it; any later change voids it. Without close signals (WATCH_POLL, not Linux,
+the inotify limits) everything works by quiet time, as logged once and shown
+by ``cefmp4_close_notifications`` = 0. At start it scans first, so files that
+arrived while the service was down are picked up.
 
 Every look at a path goes through the pure ``watchrules.decide``; this module
 only does the I/O around it: stat, the MP4 box walk (in a thread, cached per
@@ -64,7 +71,7 @@ import structlog
 import watchfiles
 from watchfiles._rust_notify import WatchfilesRustInternalError
 
-from cefmp4.adapters import files
+from cefmp4.adapters import closes, files
 from cefmp4.adapters.leases import Fence
 from cefmp4.domain import mp4
 from cefmp4.domain.errors import CefError
@@ -86,8 +93,8 @@ from cefmp4.domain.watchrules import (
     Forget,
     Gone,
     Grew,
-    Idle,
     Seen,
+    Stopped,
     Timing,
     Truncated,
     decide,
@@ -110,6 +117,16 @@ _SKIP_MESSAGES: dict[str, str] = {
 # Paths decided between two yields to the event loop during a rescan: about
 # 5 ms of work at ~5 us a path.
 BATCH = 1000
+# How often the tick also re-stats streams already reported idle (waiting for
+# their finalizer). Growth of such a file normally arrives as a notification;
+# this is the belt for file systems that give none. Every tick would make a
+# backlog of N idle streams cost O(N) per tick and O(N^2) over the drain.
+IDLE_RECHECK_SECONDS = 1.0
+
+
+def _skip_dir(name: bytes) -> bool:
+    """A directory ``walk`` does not descend into, nor the close watch."""
+    return name.startswith(_TEMP_PREFIXES)
 
 
 def is_recording(rel_path: str) -> bool:
@@ -143,6 +160,8 @@ Looked = dict[str, Current]
 Found = FileStat | files.Skipped | None
 Look = Callable[[str], Found]
 Settled = Callable[[str, FileStat], bool]
+CloseWatchFactory = Callable[[bytes, Callable[[bytes], bool]], closes.CloseWatch]
+Sig = tuple[int, int, int]
 
 
 def walk(root: Path, look: Look, settled: Settled) -> tuple[Looked, set[str]]:
@@ -237,6 +256,7 @@ class Watcher:
         new_stream_id: Callable[[], str],
         monotonic: Callable[[], float] = time.monotonic,
         tick_seconds: float = 0.1,
+        close_watch: CloseWatchFactory | None = None,
     ) -> None:
         self._deps = deps
         self._cfg = deps.config
@@ -249,13 +269,22 @@ class Watcher:
             timeout=deps.config.stream_timeout_seconds,
             chunk=deps.config.chunk_size_bytes,
             coalesce=min(0.25, deps.config.settle_seconds / 2),
+            close_guard=deps.config.close_guard_seconds,
         )
+        # Looked up when used, not bound here: tests replace ``closes.watch``.
+        self._close_watch = close_watch or (lambda root, skip: closes.watch(root, skip))
         # Per-process memory only; everything durable is in the projection.
         self._sig: dict[str, tuple[int, int, int]] = {}
         self._changed_at: dict[str, float] = {}
         self._idle_sent: dict[str, tuple[int, int]] = {}
         self._verdicts: dict[str, tuple[tuple[int, int, int], mp4.Mp4Verdict]] = {}
         self._dirty: set[str] = set()
+        # Close facts: when one arrived, and the signature the first stat
+        # after it saw (None until then); an ``mfra`` answer per signature.
+        self._closed: dict[str, tuple[Sig | None, float]] = {}
+        self._mfra: dict[str, tuple[Sig, bool]] = {}
+        self._stat_at = 0.0  # when the stats of the current pass began
+        self._idle_looked_at = 0.0  # when the tick last re-stat'ed idle streams
         # Paths reported as skipped or failing, and as what: reported once,
         # again only when the problem changes or after the path was fine or
         # gone. Bounded by the paths on disk (a full scan prunes the rest).
@@ -285,6 +314,7 @@ class Watcher:
         self._fence = fence
         self._root.mkdir(parents=True, exist_ok=True)
         notifier = asyncio.create_task(self._notifications(stop))
+        closer = asyncio.create_task(self._close_facts())
         try:
             await self.scan()
             next_rescan = self._clock() + self._cfg.rescan_interval_seconds
@@ -298,6 +328,8 @@ class Watcher:
                 if notifier.done():
                     notifier.result()  # the watch itself failed (inotify limit): raise
                     return  # it ended because stop is set
+                if closer.done():
+                    closer.result()  # raises what was not "fast path off": a bug
                 if self._rescan_now or self._clock() >= next_rescan:
                     self._rescan_now = False
                     next_rescan = self._clock() + self._cfg.rescan_interval_seconds
@@ -306,7 +338,8 @@ class Watcher:
                     await self.look_at_live()
         finally:
             notifier.cancel()
-            await asyncio.gather(notifier, return_exceptions=True)
+            closer.cancel()
+            await asyncio.gather(notifier, closer, return_exceptions=True)
 
     async def run_once(self, fence: Fence | None = None) -> None:
         """One full scan and decision pass; for tests."""
@@ -365,6 +398,65 @@ class Watcher:
             self._notified = True  # a batch came through: the next failure pauses briefly
             self._wake.set()
 
+    async def _close_facts(self) -> None:
+        """Close facts into ``_closed`` (the fast path), until cancelled.
+
+        Off, with one log line and ``cefmp4_close_notifications`` 0, when
+        WATCH_POLL is set (a network mount: inotify sees no remote closes),
+        off Linux, or at the inotify limits; the service then finishes files
+        by quiet time alone, as without this.
+        """
+        gauge = self._deps.metrics.close_notifications
+        if self._cfg.watch_poll:
+            gauge.set(0)
+            log.info("close notifications off (WATCH_POLL); files finish by quiet time")
+            return
+        try:
+            watch = await asyncio.to_thread(self._close_watch, self._root_fs, _skip_dir)
+        except closes.Unavailable as exc:
+            gauge.set(0)
+            log.warning(
+                "close notifications unavailable; files finish by quiet time",
+                reason=exc.reason,
+                error=exc.detail,
+            )
+            return
+        gauge.set(1)
+        try:
+            async for batch in watch.facts():
+                now = self._clock()
+                for fact in batch:
+                    path = to_wire(fact.path)
+                    if is_recording(self._rel(path)):
+                        self._closed[path] = (None, now)
+                        self._dirty.add(path)
+                self._wake.set()
+        except closes.Unavailable as exc:
+            log.warning(
+                "close notifications stopped; files finish by quiet time",
+                reason=exc.reason,
+                error=exc.detail,
+            )
+        finally:
+            gauge.set(0)
+            watch.close()
+
+    def _closed_for(self, path: str, sig: Sig | None, now: float) -> float | None:
+        """Seconds since the writer closed ``path``, if it is unchanged since."""
+        fact = self._closed.get(path)
+        if fact is None:
+            return None
+        if fact[0] is None:
+            if sig is None or fact[1] > self._stat_at:
+                # This stat predates the close: it may show the file before
+                # its last write. The fact re-dirtied the path; wait for that look.
+                return None
+            fact = self._closed[path] = (sig, fact[1])
+        if fact[0] != sig:
+            del self._closed[path]  # changed after the close: the writer went on
+            return None
+        return now - fact[1]
+
     # -- looking ----------------------------------------------------------
 
     def _rel(self, path: str) -> str:
@@ -377,6 +469,7 @@ class Watcher:
         """Look at every recording on disk, and at every recorded one that is not."""
 
         await self._deps.projection.catch_up()
+        self._stat_at = self._clock()
         looked, seen = await asyncio.to_thread(walk, self._root, self._look_fs, self._settled)
         projection = await self._deps.projection.catch_up()
         missing = [p for p in projection.files if p not in seen]
@@ -397,9 +490,14 @@ class Watcher:
 
     async def look(self, paths: set[str]) -> None:
         projection = await self._deps.projection.catch_up()
-        paths |= {s.path for s in projection.live()}
+        now = self._clock()
+        with_idle = now - self._idle_looked_at >= IDLE_RECHECK_SECONDS
+        if with_idle:
+            self._idle_looked_at = now
+        paths |= {s.path for s in projection.live() if with_idle or s.status == "active"}
         paths |= self._dirty
         self._dirty.clear()
+        self._stat_at = self._clock()
         await self._look_all(await asyncio.to_thread(stat_all, paths, self._look_fs))
 
     async def _look_all(self, looked: Looked) -> None:
@@ -454,6 +552,8 @@ class Watcher:
             self._changed_at[path] = now
         known = self._known(path)
         verdict = None
+        closed_for = self._closed_for(path, sig, now)
+        mfra = False
         for _ in range(2):
             actions = decide(
                 current,
@@ -462,21 +562,26 @@ class Watcher:
                 verdict=verdict,
                 idle_sent=self._idle_sent.get(path),
                 timing=self._timing,
+                closed_for=closed_for,
+                mfra=mfra,
             )
             if actions != [CheckMp4()] or sig is None:
                 break
             verdict = await self._verdict(path, sig)
+            if closed_for is not None and verdict.status is mp4.Mp4Status.FRAGMENTED:
+                mfra = await self._ends_with_mfra(path, sig)
         for action in actions:
-            event = self._event_for(path, action, current, known, verdict)
+            event = self._event_for(path, action)
             if event is not None:
                 await self._deps.emit(event, self._fence)
                 if isinstance(action, Seen | Forget):
                     await self._deps.projection.catch_up()
-                known = self._known(path)
         if current is None or self._deps.projection.state.for_path(path) is None:
             # Only open streams need this process's memory of the path.
             for table in (self._sig, self._changed_at, self._idle_sent, self._verdicts):
                 table.pop(path, None)
+            self._closed.pop(path, None)
+            self._mfra.pop(path, None)
 
     async def _verdict(self, path: str, sig: tuple[int, int, int]) -> mp4.Mp4Verdict:
         cached = self._verdicts.get(path)
@@ -489,53 +594,57 @@ class Watcher:
         self._verdicts[path] = (sig, verdict)
         return verdict
 
-    def _event_for(
-        self,
-        path: str,
-        action: Action,
-        current: FileStat | None,
-        known: StreamState | FileRecord | None,
-        verdict: mp4.Mp4Verdict | None,
-    ) -> Event | None:
-        """The event that reports ``action``; None when the inputs it needs
-        are missing (decide never asks for that; this keeps the types honest)."""
+    async def _ends_with_mfra(self, path: str, sig: Sig) -> bool:
+        cached = self._mfra.get(path)
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        try:
+            mfra = await asyncio.to_thread(mp4.file_ends_with_mfra, to_fs(path))
+        except OSError:
+            mfra = False
+        self._mfra[path] = (sig, mfra)
+        return mfra
+
+    def _event_for(self, path: str, action: Action) -> Event | None:
+        """The event that reports ``action``; None for ``CheckMp4``, which
+        ``_look_at`` answers before it acts."""
         now = self._deps.now()
-        match action, current, known:
-            case Seen(continues=continues), FileStat(), _:
-                return self._seen(path, current, now, continues)
-            case Forget(), None, FileRecord():
-                log.debug("finished recording left the disk", path=path, stream_id=known.stream_id)
-                return FileDeleted(stream_id=known.stream_id, at=now, path=path)
-            case Gone(), None, StreamState():
-                log.info(
-                    "recording deleted before completion", path=path, stream_id=known.stream_id
-                )
-                return FileDeleted(stream_id=known.stream_id, at=now, path=path)
-            case Grew(), FileStat(), StreamState():
+        match action:
+            case Seen(stat=stat, continues=continues):
+                return self._seen(path, stat, now, continues)
+            case Forget(stream_id=stream_id):
+                log.debug("finished recording left the disk", path=path, stream_id=stream_id)
+                return FileDeleted(stream_id=stream_id, at=now, path=path)
+            case Gone(stream_id=stream_id):
+                log.info("recording deleted before completion", path=path, stream_id=stream_id)
+                return FileDeleted(stream_id=stream_id, at=now, path=path)
+            case Grew(stream_id=stream_id, stat=stat):
                 return BytesAvailable(
-                    stream_id=known.stream_id, at=now, size=current.size, mtime_ns=current.mtime_ns
+                    stream_id=stream_id, at=now, size=stat.size, mtime_ns=stat.mtime_ns
                 )
-            case Truncated(), FileStat(), StreamState():
+            case Truncated(stream_id=stream_id, size=size):
                 log.warning(
                     "recording truncated or replaced; its content becomes a new stream",
                     path=path,
-                    stream_id=known.stream_id,
+                    stream_id=stream_id,
                 )
-                return FileTruncated(
-                    stream_id=known.stream_id, at=now, path=path, size=current.size
-                )
-            case Idle(reason=reason), FileStat(), StreamState() if verdict is not None:
-                self._idle_sent[path] = (current.size, current.mtime_ns)
+                return FileTruncated(stream_id=stream_id, at=now, path=path, size=size)
+            case Stopped(
+                stream_id=stream_id, stat=stat, reason=reason, verdict=verdict, cause=cause
+            ):
+                self._idle_sent[path] = (stat.size, stat.mtime_ns)
                 return StreamIdle(
-                    stream_id=known.stream_id,
+                    stream_id=stream_id,
                     at=now,
-                    size=current.size,
-                    mtime_ns=current.mtime_ns,
+                    size=stat.size,
+                    mtime_ns=stat.mtime_ns,
                     reason=reason,
                     mp4=verdict.status.value,
                     mp4_reason=verdict.reason,
+                    cause=cause,
                 )
-        return None
+            case CheckMp4():
+                return None
 
     def _seen(
         self, path: str, current: FileStat, now: datetime, continues: Continues | None

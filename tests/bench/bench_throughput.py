@@ -1,30 +1,37 @@
-"""Throughput: one finished file of ``--size-mib`` (1 GiB) to S3, service vs ``aws s3 cp``.
+"""Throughput: one finished ``--size-mib`` (1 GiB) MP4 to S3, the service vs other uploaders.
 
 Setup (all under a temp dir, removed afterwards unless ``--keep``): a private
 ``redis-server`` and a ``juicefs gateway`` (the fastest S3 server available
-here), a watch dir, and the file, written and fsynced in a staging dir next to
-it. By default the file is a *valid* MP4 (a 1 s ffmpeg recording whose mdat is
-padded with random bytes up to the size), so the watcher calls it idle after
-``SETTLE_SECONDS``; ``--content random`` gives random bytes, which finish on
+here), and the file, written and fsynced in a staging dir. By default the file
+is a *valid* MP4 (a 1 s ffmpeg recording whose mdat is padded with random
+bytes up to the size), so the watcher calls it idle after ``SETTLE_SECONDS``;
+``--content random`` gives random bytes, which finish on
 ``STREAM_TIMEOUT_SECONDS`` instead.
 
-Service run: ``python -m cefmp4 run`` as a subprocess; once it is up, the file
-is renamed into the watch dir (a finished recording appearing at once). The
-timings are the service's own event timestamps from the Redis log:
+One run measures, one after the other on the same file and the same server:
 
-* ``busy``  = StreamCompleted.at - FileSeen.at - idle wait, where the idle
-  wait is the time between the last part the uploader sent and StreamIdle,
-  when positive (with a valid MP4 and a 1 s settle it is normally 0: the file
-  goes idle while the uploader is still sending). This is the service's
-  throughput: read + MD5 + send every part, then the finalizer's second read
-  (MD5 re-check + whole-file SHA-256), the tail part, Complete and HEAD.
-* ``end-to-end`` = StreamCompleted.at - FileSeen.at, idle wait included.
+* **service**: ``python -m cefmp4 run`` as a subprocess; once it is up, the
+  file is renamed into its watch dir (a finished recording appearing at once).
+  Its time is the service's own event timestamps: FileSeen -> MetadataWritten
+  (object *and* sidecar) minus the idle wait (the time between the last part
+  the uploader sent and StreamIdle, when positive; normally 0 with a valid MP4).
+  ``busy`` is the same up to StreamCompleted (the object only).
+* **ceiling**: the same with no hashing at all (``--ceiling-env``, by default
+  ``S3_CHECKSUM=none SIDECAR_SHA256=false``), into a second bucket: what the
+  service's I/O path costs by itself. Settings the service does not know are
+  listed in the report, because then the ceiling is just a second service run.
+* **peers**, each at its own defaults: ``aws s3 cp``, ``s5cmd cp``, ``rclone
+  copyto``. Their time is the wall time of the CLI (start-up included; the
+  start-up alone, a one-request listing, is reported beside it).
 
-Peak RSS is the service's VmHWM, read before it is stopped. Then ``aws s3 cp``
-sends the same file to the same server (its defaults unless told otherwise:
-8 MiB parts, 10 requests in flight); its wall time includes the CLI's start-up,
-which is measured separately with ``aws s3 ls`` and reported. Both objects are
-checked with HEAD: size, and the ETag against the MD5s computed locally.
+CPU: the service's from /proc/<pid>/stat (utime + stime + the children it
+reaped, such as ffprobe) sampled before and after; a peer's from ``os.wait4``
+(the process and its reaped children); the juicefs gateway's before and after
+each. Ratios, because the machine is shared: service MiB/s / best peer MiB/s
+(target >= 1.2) and service CPU-s per GiB / aws CPU-s per GiB (target <= 0.5);
+the service's peak RSS (VmHWM) against 100 MiB + the bytes of parts in flight
+(PART_CONCURRENCY x CHUNK_SIZE_BYTES). Every object is checked with HEAD:
+size, and the ETag against the MD5s of the part plan computed locally.
 """
 
 from __future__ import annotations
@@ -34,10 +41,8 @@ import contextlib
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -65,24 +70,42 @@ from tests.bench.common import (
     PySpy,
     bench_main,
     cpu_seconds,
-    fixed_parts,
+    env_pair,
     hash_file,
+    known_env_names,
     main_thread_cpu_seconds,
     of_stream,
     proc_status_kib,
     read_events,
+    sha256_matches,
+    start_service,
     summarize_profile,
     tool_version,
     ts,
     wait_for,
 )
+from tests.bench.peers import PEERS, make_peer, run_tool
 from tests.harness import ServiceProcess, service_config
 from tests.mp4gen import make_mp4
 
 NAME = "big.mp4"
 BUCKET = "bench"
-AWS_KEY = f"aws-cli/{NAME}"
+CEILING_BUCKET = "ceiling"
+GiB = 1024 * MiB
 _PAD_BLOCK = 16 * MiB
+DEFAULT_CEILING_ENV = ("S3_CHECKSUM=none", "SIDECAR_SHA256=false")
+# Targets of issue 8 (figures, never test assertions).
+TARGET_SPEED_RATIO = 1.2
+TARGET_CPU_RATIO = 0.5
+TARGET_RSS_OVER_PARTS_MIB = 100
+
+
+def _peer_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(PEERS))
+    if unknown:
+        raise ValueError(f"unknown peers {unknown}; choose from {','.join(PEERS)}")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,9 +119,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=1.0, help="SETTLE_SECONDS (1)")
     p.add_argument("--stream-timeout", type=float, default=5.0, help="STREAM_TIMEOUT_SECONDS (5)")
     p.add_argument("--content", choices=("mp4", "random"), default="mp4")
-    p.add_argument("--aws-chunk-mib", type=int, default=8, help="aws multipart_chunksize (8)")
-    p.add_argument("--aws-concurrency", type=int, default=10, help="aws max_concurrent_requests")
-    p.add_argument("--no-aws", action="store_true", help="skip the aws s3 cp comparison")
+    p.add_argument(
+        "--service-env", type=env_pair, action="append", default=[], metavar="KEY=VAL",
+        help="extra environment for the service run (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ceiling-env", type=env_pair, action="append", default=None, metavar="KEY=VAL",
+        help="environment of the no-hashing run, on top of --service-env (repeatable; "
+        f"default {' '.join(DEFAULT_CEILING_ENV)})",
+    )  # fmt: skip
+    p.add_argument("--no-ceiling", action="store_true", help="skip the no-hashing service run")
+    p.add_argument(
+        "--peers", type=_peer_list, default=list(PEERS), metavar="LIST",
+        help=f"comma-separated peers to compare with (default {','.join(PEERS)}; '' for none)",
+    )  # fmt: skip
     p.add_argument("--timeout", type=float, default=150.0, help="give up after this many s")
     p.add_argument(
         "--profile", action="store_true", help="attach py-spy --native (slows the service)"
@@ -107,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.chunk_mib < 5:
         p.error("--chunk-mib must be at least 5 (S3's minimum part size)")
+    if args.ceiling_env is None:
+        args.ceiling_env = [env_pair(x) for x in DEFAULT_CEILING_ENV]
     return args
 
 
@@ -173,15 +209,21 @@ def _service_phase(
     gateway_pid: int,
     staged: Path,
     size: int,
+    *,
+    label: str,
+    bucket: str,
+    extra_env: list[tuple[str, str]],
+    profile: bool,
 ) -> dict[str, Any]:
+    """One service run over the file at ``staged``, which ends in ``<label>-watch``."""
     chunk = args.chunk_mib * MiB
-    watch = tmp / "watch"
+    watch = tmp / f"{label}-watch"
     watch.mkdir()
     config = service_config(
         watch,
         rds.url,
-        "bench",
-        BUCKET,
+        label,
+        bucket,
         endpoint,
         chunk_size_bytes=chunk,
         part_concurrency=args.part_concurrency,
@@ -195,14 +237,17 @@ def _service_phase(
         prom_port=0,
     )
     client = redis.Redis.from_url(rds.url)
-    service = ServiceProcess(config, tmp / "service.log", workdir=tmp / "service-cwd")
+    service = ServiceProcess(config, tmp / f"{label}.log", workdir=tmp / f"{label}-cwd")
+    service.env.update(dict(extra_env))
+    known = known_env_names()
     profiler: PySpy | None = None
     try:
-        service.start(ready_timeout=30)
+        start_service(service)
         pid = service.pid
         baseline_rss = proc_status_kib(pid)["VmRSS"]
-        cpu0, main0, gw0 = cpu_seconds(pid), main_thread_cpu_seconds(pid), cpu_seconds(gateway_pid)
-        if args.profile:
+        cpu0 = cpu_seconds(pid, children=True)
+        main0, gw0 = main_thread_cpu_seconds(pid), cpu_seconds(gateway_pid, children=True)
+        if profile:
             profiler = PySpy(pid, RESULTS_DIR / "profile-throughput.txt")
         t_appear = time.time()
         staged.rename(watch / NAME)
@@ -217,11 +262,12 @@ def _service_phase(
             return mine if done else None
 
         try:
-            mine, _ = wait_for(finished, timeout=args.timeout, poll=0.05, what="StreamCompleted")
+            mine, _ = wait_for(finished, timeout=args.timeout, poll=0.05, what="MetadataWritten")
         except BenchError as exc:
-            raise BenchError(f"{exc}; service log tail:\n{service.tail()}") from None
+            raise BenchError(f"{label}: {exc}; service log tail:\n{service.tail()}") from None
         status = proc_status_kib(pid)
-        cpu1, main1, gw1 = cpu_seconds(pid), main_thread_cpu_seconds(pid), cpu_seconds(gateway_pid)
+        cpu1 = cpu_seconds(pid, children=True)
+        main1, gw1 = main_thread_cpu_seconds(pid), cpu_seconds(gateway_pid, children=True)
     finally:
         if profiler is not None:
             profiler.stop()
@@ -229,26 +275,33 @@ def _service_phase(
         client.close()
     failed = [e for e in mine if isinstance(e, StreamFailed)]
     if failed:
-        raise BenchError(f"stream failed: {failed[0]!r}\n{service.tail()}")
+        raise BenchError(f"{label}: stream failed: {failed[0]!r}\n{service.tail()}")
     seen = next(e for e in mine if isinstance(e, FileSeen))
     completed = next(e for e in mine if isinstance(e, StreamCompleted))
     idle = next(e for e in mine if isinstance(e, StreamIdle))
     meta = next(e for e in mine if isinstance(e, MetadataWritten))
     spans = list(whole_parts(size, chunk))
-    t_seen, t_idle, t_done = ts(seen.at), ts(idle.at), ts(completed.at)
+    t_seen, t_idle, t_done, t_meta = ts(seen.at), ts(idle.at), ts(completed.at), ts(meta.at)
     uploaded = [e for e in mine if isinstance(e, PartUploaded) and e.part_number <= len(spans)]
     t_upload_end = max((ts(e.at) for e in uploaded), default=t_seen)
     idle_wait = max(0.0, t_idle - t_upload_end)
+    with_sidecar = t_meta - t_seen - idle_wait
     busy = t_done - t_seen - idle_wait
     end_to_end = t_done - t_seen
     sent_growing = sum(sp.size for sp in spans)
     bound_stream = args.part_concurrency * chunk
+    service_cpu = cpu1 - cpu0
     result: dict[str, Any] = {
+        "env": dict(extra_env),
+        "env_unknown_to_service": sorted(k for k, _ in extra_env if k not in known),
+        "bucket": bucket,
         "stream_id": seen.stream_id,
         "key": completed.key,
         "parts": completed.parts,
         "etag": completed.etag,
         "sha256": completed.sha256,
+        "seconds": round(with_sidecar, 3),
+        "mib_per_s": round(size / MiB / with_sidecar, 1),
         "busy_seconds": round(busy, 3),
         "busy_mib_per_s": round(size / MiB / busy, 1),
         "end_to_end_seconds": round(end_to_end, 3),
@@ -264,7 +317,7 @@ def _service_phase(
             else None
         ),
         "finalize_phase_seconds": round(t_done - max(t_idle, t_upload_end), 3),
-        "sidecar_seconds": round(ts(meta.at) - t_done, 3),
+        "sidecar_seconds": round(t_meta - t_done, 3),
         "peak_rss_mib": round(status["VmHWM"] / 1024, 1),
         "baseline_rss_mib": round(baseline_rss / 1024, 1),
         "parts_in_flight_bound_mib": {
@@ -272,11 +325,12 @@ def _service_phase(
             "all_streams": args.max_streams * bound_stream // MiB,
         },
         "cpu_seconds": {
-            "service_total": round(cpu1 - cpu0, 2),
+            "service_total": round(service_cpu, 2),
             "service_event_loop_thread": round(main1 - main0, 2),
-            "service_other_threads": round((cpu1 - cpu0) - (main1 - main0), 2),
             "juicefs_gateway": round(gw1 - gw0, 2),
         },
+        "cpu_seconds_per_gib": round(service_cpu * GiB / size, 2),
+        "gateway_cpu_seconds_per_gib": round((gw1 - gw0) * GiB / size, 2),
         "service_exit_code": returncode,
     }
     if profiler is not None and profiler.output.exists():
@@ -284,90 +338,84 @@ def _service_phase(
     return result
 
 
-def _aws_phase(
-    args: argparse.Namespace, tmp: Path, endpoint: S3Endpoint, gateway_pid: int, path: Path
-) -> dict[str, Any]:
-    aws = Path(PYTHON).parent / "aws"
-    if not os.access(aws, os.X_OK):
-        found = shutil.which("aws")
-        if found is None:
-            raise BenchError("aws CLI not found (pip install awscli into .venv)")
-        aws = Path(found)
-    conf = tmp / "aws" / "config"
-    conf.parent.mkdir()
-    conf.write_text(
-        "[default]\n"
-        f"region = {endpoint.region}\n"
-        "s3 =\n"
-        f"    multipart_threshold = {8 * MiB}\n"
-        f"    multipart_chunksize = {args.aws_chunk_mib * MiB}\n"
-        f"    max_concurrent_requests = {args.aws_concurrency}\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(
-        AWS_ACCESS_KEY_ID=endpoint.access_key,
-        AWS_SECRET_ACCESS_KEY=endpoint.secret_key,
-        AWS_DEFAULT_REGION=endpoint.region,
-        AWS_CONFIG_FILE=str(conf),
-        AWS_SHARED_CREDENTIALS_FILE=str(tmp / "aws" / "credentials"),
-        AWS_EC2_METADATA_DISABLED="true",
-    )
-    base = [str(aws), "--endpoint-url", endpoint.url]
-
-    def timed_run(argv: list[str]) -> tuple[float, float, float]:
-        """(wall s, CPU s, max RSS MiB) of one CLI run; BenchError on failure."""
-        err_path = tmp / "aws" / "stderr"
-        start = time.monotonic()
-        with err_path.open("wb") as err:
-            proc = subprocess.Popen(
-                argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
-            )
-        # wait4 gives this child's own rusage (CPU, peak RSS); the timer kills
-        # it by its pid if it overruns.
-        timer = threading.Timer(args.timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        wall = time.monotonic() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            tail = err_path.read_text(errors="replace")[-2000:]
-            raise BenchError(f"{' '.join(argv)} exited {proc.returncode}: {tail}")
-        return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
-
-    # One request plus the CLI's start-up: what "aws" costs before any byte moves.
-    startup, _, _ = timed_run([*base, "s3", "ls", f"s3://{BUCKET}/"])
-    gw0 = cpu_seconds(gateway_pid)
-    cp = [*base, "s3", "cp", str(path), f"s3://{BUCKET}/{AWS_KEY}", "--only-show-errors"]
-    wall, cpu, rss_mib = timed_run(cp)
-    gw1 = cpu_seconds(gateway_pid)
+def _peer_phase(
+    name: str, args: argparse.Namespace, tmp: Path, endpoint: S3Endpoint, gateway_pid: int,
+    path: Path,
+) -> dict[str, Any]:  # fmt: skip
+    peer = make_peer(name, endpoint, tmp / "peers", path, BUCKET)
+    logs = tmp / "peers" / name
+    # One request plus the CLI's start-up: what the tool costs before any byte moves.
+    startup = run_tool(peer.startup, peer.env, logs / "startup.log", args.timeout)
+    gw0 = cpu_seconds(gateway_pid, children=True)
+    up = run_tool(peer.upload, peer.env, logs / "upload.log", args.timeout)
+    gw1 = cpu_seconds(gateway_pid, children=True)
     size = path.stat().st_size
-    transfer = max(wall - startup, 1e-9)
+    transfer = up.wall_seconds - startup.wall_seconds
     return {
-        "command": " ".join(["aws", "--endpoint-url", endpoint.url, *cp[3:]]),
-        "version": tool_version([str(aws), "--version"]),
-        "chunk_mib": args.aws_chunk_mib,
-        "max_concurrent_requests": args.aws_concurrency,
-        "wall_seconds": round(wall, 3),
-        "mib_per_s": round(size / MiB / wall, 1),
-        "cli_startup_seconds": round(startup, 3),
-        "mib_per_s_excluding_startup": round(size / MiB / transfer, 1),
-        "peak_rss_mib": round(rss_mib, 1),
-        "cpu_seconds": {
-            "aws_cli": round(cpu, 2),
-            "juicefs_gateway": round(gw1 - gw0, 2),
-        },
+        "label": peer.label,
+        "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(peer.upload)),
+        "version": tool_version(peer.version),
+        "defaults": peer.defaults,
+        "key": peer.key,
+        "wall_seconds": round(up.wall_seconds, 3),
+        "mib_per_s": round(size / MiB / up.wall_seconds, 1),
+        "startup_seconds": round(startup.wall_seconds, 3),
+        # None when the noise of the start-up probe swallows the whole transfer.
+        "mib_per_s_excluding_startup": (
+            round(size / MiB / transfer, 1) if transfer > 0.1 * up.wall_seconds else None
+        ),
+        "peak_rss_mib_sampled": round(up.peak_rss_mib, 1),
+        "cpu_seconds": {"tool": round(up.cpu_seconds, 2), "juicefs_gateway": round(gw1 - gw0, 2)},
+        "cpu_seconds_per_gib": round(up.cpu_seconds * GiB / size, 2),
+        "gateway_cpu_seconds_per_gib": round((gw1 - gw0) * GiB / size, 2),
+        "_part_sizes": peer.part_sizes(size),
     }
 
 
-def _head(s3: Any, key: str) -> tuple[int, str]:
+def _head(s3: Any, bucket: str, key: str) -> tuple[int, str]:
     try:
-        info = s3.head_object(Bucket=BUCKET, Key=key)
+        info = s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        raise BenchError(f"HEAD {key}: {exc}") from None
+        raise BenchError(f"HEAD {bucket}/{key}: {exc}") from None
     return int(info["ContentLength"]), str(info["ETag"]).strip('"')
+
+
+def _ratios(
+    service: dict[str, Any], ceiling: dict[str, Any] | None, peers: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if peers:
+        best = max(peers, key=lambda n: peers[n]["mib_per_s"])
+        speed = service["mib_per_s"] / peers[best]["mib_per_s"]
+        fastest = peers[best]["mib_per_s_excluding_startup"]
+        strict = round(service["mib_per_s"] / fastest, 2) if fastest else None
+        out.update(
+            best_peer=best,
+            speed_vs_best_peer=round(speed, 2),
+            speed_vs_best_peer_excluding_its_startup=strict,
+            speed_target=TARGET_SPEED_RATIO,
+            speed_met=speed >= TARGET_SPEED_RATIO,
+        )
+    if "aws" in peers and peers["aws"]["cpu_seconds_per_gib"] > 0:
+        cpu = service["cpu_seconds_per_gib"] / peers["aws"]["cpu_seconds_per_gib"]
+        out.update(
+            cpu_vs_aws=round(cpu, 2), cpu_target=TARGET_CPU_RATIO, cpu_met=cpu <= TARGET_CPU_RATIO
+        )
+    limit = TARGET_RSS_OVER_PARTS_MIB + service["parts_in_flight_bound_mib"]["one_stream"]
+    out.update(
+        rss_limit_mib=limit,
+        rss_over_parts_in_flight_mib=round(
+            service["peak_rss_mib"] - service["parts_in_flight_bound_mib"]["one_stream"], 1
+        ),
+        rss_met=service["peak_rss_mib"] <= limit,
+    )
+    if ceiling is not None:
+        out["speed_vs_ceiling"] = round(service["mib_per_s"] / ceiling["mib_per_s"], 2)
+        if ceiling["cpu_seconds_per_gib"] > 0:
+            out["cpu_vs_ceiling"] = round(
+                service["cpu_seconds_per_gib"] / ceiling["cpu_seconds_per_gib"], 2
+            )
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -391,31 +439,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         verdict = write_recording(staging / NAME, size, args.content, staging)
         generate_seconds = time.monotonic() - started
 
-        service = _service_phase(args, tmp, rds, endpoint, gateway_pid, staging / NAME, size)
-        path = tmp / "watch" / NAME
-        aws = None if args.no_aws else _aws_phase(args, tmp, endpoint, gateway_pid, path)
+        service = _service_phase(
+            args, tmp, rds, endpoint, gateway_pid, staging / NAME, size,
+            label="service", bucket=BUCKET, extra_env=args.service_env, profile=args.profile,
+        )  # fmt: skip
+        path = tmp / "service-watch" / NAME
+        ceiling = None
+        if not args.no_ceiling:
+            s3.create_bucket(Bucket=CEILING_BUCKET)
+            ceiling = _service_phase(
+                args, tmp, rds, endpoint, gateway_pid, path, size,
+                label="ceiling", bucket=CEILING_BUCKET,
+                extra_env=[*args.service_env, *args.ceiling_env], profile=False,
+            )  # fmt: skip
+            path = tmp / "ceiling-watch" / NAME
+        peers = {n: _peer_phase(n, args, tmp, endpoint, gateway_pid, path) for n in args.peers}
 
         service_plan = PartHasher([sp.size for sp in final_parts(size, chunk)])
-        aws_sizes = fixed_parts(size, args.aws_chunk_mib * MiB) if size >= 8 * MiB else [size]
-        aws_plan = PartHasher(aws_sizes)
-        sha256 = hash_file(path, [service_plan, aws_plan])
+        peer_plans = {n: PartHasher(p.pop("_part_sizes")) for n, p in peers.items()}
+        sha256 = hash_file(path, [service_plan, *peer_plans.values()])
         checks: dict[str, Any] = {}
-        got_size, got_etag = _head(s3, service["key"])
-        checks["service"] = {
-            "size_ok": got_size == size,
-            "etag": got_etag,
-            "etag_ok": got_etag == service_plan.etag() == service["etag"],
-            "sha256_ok": service["sha256"] == sha256,
-        }
-        if aws is not None:
-            got_size, got_etag = _head(s3, AWS_KEY)
-            checks["aws"] = {
+        for who, run_ in (("service", service), ("ceiling", ceiling)):
+            if run_ is None:
+                continue
+            got_size, got_etag = _head(s3, run_["bucket"], run_["key"])
+            checks[who] = {
                 "size_ok": got_size == size,
                 "etag": got_etag,
-                "expected_etag": aws_plan.etag(),
-                "etag_ok": got_etag == aws_plan.etag(),
+                "etag_ok": got_etag == service_plan.etag() == run_["etag"],
+                "sha256_ok": sha256_matches(run_["sha256"], sha256),
+                "sha256_checked": bool(run_["sha256"]),
             }
-        ok = service["service_exit_code"] == 0 and all(
+        for name, plan in peer_plans.items():
+            got_size, got_etag = _head(s3, BUCKET, peers[name]["key"])
+            checks[name] = {
+                "size_ok": got_size == size,
+                "etag": got_etag,
+                "expected_etag": plan.etag(),
+                "etag_ok": got_etag == plan.etag(),
+            }
+        exits = [r["service_exit_code"] for r in (service, ceiling) if r is not None]
+        ok = all(code == 0 for code in exits) and all(
             v for c in checks.values() for k, v in c.items() if k.endswith("_ok")
         )
         return {
@@ -435,7 +499,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "generate_seconds": round(generate_seconds, 2),
             "service": service,
-            "aws_cli": aws,
+            "ceiling": ceiling,
+            "peers": peers,
+            "ratios": _ratios(service, ceiling, peers),
             "verify": checks,
             "temp_dir": str(tmp) if args.keep else None,
         }
@@ -455,53 +521,81 @@ def _verdicts(checks: dict[str, Any]) -> str:
             for k, v in c.items()
             if k.endswith("_ok")
         )
-        parts.append(f"{who}: {flags} (ETag {c['etag']})")
+        parts.append(f"{who}: {flags}")
     return "; ".join(parts)
 
 
+def _met(flag: bool | None) -> str:
+    return "-" if flag is None else ("met" if flag else "MISSED")
+
+
 def report(r: dict[str, Any]) -> str:
-    s, svc, aws = r["settings"], r["service"], r["aws_cli"]
+    s, svc, ceiling, peers, q = r["settings"], r["service"], r["ceiling"], r["peers"], r["ratios"]
     bound = svc["parts_in_flight_bound_mib"]
-    cpu = svc["cpu_seconds"]
-    perturbed = "  [profiled with py-spy: figures perturbed]" if s["profiled"] else ""
+    perturbed = "  [service profiled with py-spy: figures perturbed]" if s["profiled"] else ""
     lines = [
         f"Throughput: {s['size_mib']} MiB finished file ({s['content']}, MP4 verdict "
         f"{s['mp4_verdict']}) -> {r['server']}; load average before {r['load_average_1m_before']}",
-        f"  settings: CHUNK_SIZE_BYTES={s['CHUNK_SIZE_BYTES']} "
+        f"  service settings: CHUNK_SIZE_BYTES={s['CHUNK_SIZE_BYTES']} "
         f"PART_CONCURRENCY={s['PART_CONCURRENCY']} "
         f"MAX_CONCURRENT_STREAMS={s['MAX_CONCURRENT_STREAMS']} "
         f"SETTLE_SECONDS={s['SETTLE_SECONDS']} "
-        f"STREAM_TIMEOUT_SECONDS={s['STREAM_TIMEOUT_SECONDS']}{perturbed}",
-        f"  service busy        {svc['busy_mib_per_s']:8.1f} MiB/s  "
-        f"({svc['busy_seconds']:.2f} s = FileSeen->StreamCompleted "
-        f"minus idle wait {svc['idle_wait_seconds']:.2f} s)",
-        f"  service end-to-end  {svc['end_to_end_mib_per_s']:8.1f} MiB/s  "
-        f"({svc['end_to_end_seconds']:.2f} s FileSeen->StreamCompleted, idle wait included; "
-        f"StreamIdle after {svc['file_seen_to_idle_seconds']:.2f} s, {svc['idle_reason']})",
-        f"    phases: uploader {svc['upload_phase_seconds']:.2f} s "
-        f"({svc['upload_phase_mib_per_s']} MiB/s, whole parts), "
-        f"finalizer {svc['finalize_phase_seconds']:.2f} s "
-        "(re-read + MD5 + SHA-256, tail, complete, HEAD); "
-        f"sidecar +{svc['sidecar_seconds']:.2f} s; rename->FileSeen {svc['detect_seconds']:.2f} s",
-        f"    CPU s: service {cpu['service_total']} (event loop thread "
-        f"{cpu['service_event_loop_thread']}, other threads {cpu['service_other_threads']}), "
-        f"juicefs gateway {cpu['juicefs_gateway']}",
-        f"  service peak RSS    {svc['peak_rss_mib']:8.1f} MiB    "
-        f"(VmHWM; {svc['baseline_rss_mib']} MiB before the file appeared; "
-        f"parts-in-flight bound {bound['one_stream']} MiB for one stream, "
-        f"{bound['all_streams']} MiB for MAX_CONCURRENT_STREAMS)",
+        f"STREAM_TIMEOUT_SECONDS={s['STREAM_TIMEOUT_SECONDS']} {svc['env'] or ''}{perturbed}",
+        f"  {'who':<16} {'MiB/s':>8} {'seconds':>8} {'CPU-s/GiB':>9} {'server CPU-s/GiB':>16}"
+        f" {'peak RSS MiB':>12}  notes",
     ]
-    if aws is not None:
-        acpu = aws["cpu_seconds"]
-        lines += [
-            f"  aws s3 cp           {aws['mib_per_s']:8.1f} MiB/s  "
-            f"({aws['wall_seconds']:.2f} s wall incl. CLI start-up; "
-            f"{aws['chunk_mib']} MiB parts x {aws['max_concurrent_requests']} in flight)",
-            f"  aws s3 cp, no start {aws['mib_per_s_excluding_startup']:8.1f} MiB/s  "
-            f"(minus start-up + 1 request {aws['cli_startup_seconds']:.2f} s); "
-            f"CPU s: aws {acpu['aws_cli']}, juicefs gateway {acpu['juicefs_gateway']}; "
-            f"peak RSS {aws['peak_rss_mib']} MiB",
-        ]
+
+    def row(who: str, x: dict[str, Any], secs: float, rss: float, note: str) -> None:
+        lines.append(
+            f"  {who:<16} {x['mib_per_s']:>8.1f} {secs:>8.2f} {x['cpu_seconds_per_gib']:>9.2f}"
+            f" {x['gateway_cpu_seconds_per_gib']:>16.2f} {rss:>12.1f}  {note}"
+        )
+
+    row(
+        "service", svc, svc["seconds"], svc["peak_rss_mib"],
+        f"object + sidecar; object alone {svc['busy_mib_per_s']} MiB/s, idle wait "
+        f"{svc['idle_wait_seconds']:.2f} s",
+    )  # fmt: skip
+    if ceiling is not None:
+        unknown = ceiling["env_unknown_to_service"]
+        row(
+            "ceiling", ceiling, ceiling["seconds"], ceiling["peak_rss_mib"],
+            f"{ceiling['env']}"
+            + (f"  [the service does not know {unknown}: not a true ceiling]" if unknown else ""),
+        )  # fmt: skip
+    for p in peers.values():
+        row(
+            p["label"], p, p["wall_seconds"], p["peak_rss_mib_sampled"],
+            f"{p['defaults']}; start-up {p['startup_seconds']:.2f} s "
+            f"({p['mib_per_s_excluding_startup']} MiB/s without); {p['version']}",
+        )  # fmt: skip
+    lines.append(
+        f"  service phases: uploader {svc['upload_phase_seconds']:.2f} s "
+        f"({svc['upload_phase_mib_per_s']} MiB/s, whole parts), finalizer "
+        f"{svc['finalize_phase_seconds']:.2f} s, sidecar +{svc['sidecar_seconds']:.2f} s; "
+        f"event-loop thread {svc['cpu_seconds']['service_event_loop_thread']} of "
+        f"{svc['cpu_seconds']['service_total']} CPU-s; RSS {svc['baseline_rss_mib']} MiB idle"
+    )
+    if "speed_vs_best_peer" in q:
+        lines.append(
+            f"  ratio service / best peer ({q['best_peer']}) MiB/s: {q['speed_vs_best_peer']:.2f}"
+            f" (target >= {q['speed_target']}: {_met(q['speed_met'])}; "
+            f"{q['speed_vs_best_peer_excluding_its_startup']} against it without start-up)"
+        )
+    if "cpu_vs_aws" in q:
+        lines.append(
+            f"  ratio service / aws CPU-s per GiB: {q['cpu_vs_aws']:.2f} "
+            f"(target <= {q['cpu_target']}: {_met(q['cpu_met'])})"
+        )
+    lines.append(
+        f"  service peak RSS {svc['peak_rss_mib']:.1f} MiB vs 100 MiB + parts in flight "
+        f"{bound['one_stream']} MiB = {q['rss_limit_mib']} MiB: {_met(q['rss_met'])}"
+    )
+    if "speed_vs_ceiling" in q:
+        lines.append(
+            f"  service / ceiling: MiB/s {q['speed_vs_ceiling']:.2f}, "
+            f"CPU-s per GiB {q.get('cpu_vs_ceiling', '-')}"
+        )
     lines.append(f"  verified with HEAD: {_verdicts(r['verify'])}")
     if "profile" in svc:
         prof = svc["profile"]
@@ -515,8 +609,30 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def headline(r: dict[str, Any]) -> dict[str, Any]:
+    """The figures issue 8 asks for, in one flat dict."""
+    svc, q = r["service"], r["ratios"]
+    out: dict[str, Any] = {
+        "size_mib": r["settings"]["size_mib"],
+        "mib_per_s": {"service": svc["mib_per_s"]},
+        "cpu_s_per_gib": {"service": svc["cpu_seconds_per_gib"]},
+        "server_cpu_s_per_gib": {"service": svc["gateway_cpu_seconds_per_gib"]},
+    }
+    others = dict(r["peers"])
+    if r["ceiling"] is not None:
+        others = {"ceiling": r["ceiling"], **others}
+    for name, x in others.items():
+        out["mib_per_s"][name] = x["mib_per_s"]
+        out["cpu_s_per_gib"][name] = x["cpu_seconds_per_gib"]
+        out["server_cpu_s_per_gib"][name] = x["gateway_cpu_seconds_per_gib"]
+    keys = ("speed_vs_best_peer", "speed_met", "cpu_vs_aws", "cpu_met", "rss_met")
+    out.update({k: q[k] for k in keys if k in q})
+    out.update(peak_rss_mib=svc["peak_rss_mib"], rss_limit_mib=q["rss_limit_mib"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    return bench_main("throughput", parse_args, run, report, argv)
+    return bench_main("throughput", parse_args, run, report, argv, headline)
 
 
 if __name__ == "__main__":

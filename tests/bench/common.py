@@ -23,9 +23,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import redis
 
+from cefmp4.domain.config import Config
 from cefmp4.domain.events import Event, decode
+from tests.harness import ServiceProcess
 
 MiB = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +61,25 @@ def wait_for(
 
 
 # -- the service as a subprocess ---------------------------------------------
+
+
+def start_service(service: ServiceProcess, ready_timeout: float = 30) -> None:
+    """Start it, or a BenchError saying why not (e.g. a ``--service-env`` it rejects)."""
+    try:
+        service.start(ready_timeout=ready_timeout)
+    except RuntimeError as exc:
+        service.stop()
+        raise BenchError(f"the service did not start: {exc}") from None
+
+
+@contextlib.contextmanager
+def running(service: ServiceProcess) -> Iterator[ServiceProcess]:
+    """``with running(service):`` like ``with service:``, failing as a BenchError."""
+    start_service(service)
+    try:
+        yield service
+    finally:
+        service.stop()
 
 
 # -- the event log ------------------------------------------------------------
@@ -96,20 +118,53 @@ def proc_status_kib(pid: int) -> dict[str, int]:
     return values
 
 
-def _cpu_seconds(stat_path: Path) -> float:
+def _cpu_seconds(stat_path: Path, *, children: bool = False) -> float:
     fields = stat_path.read_text().rpartition(")")[2].split()
-    # fields[0] is the state (field 3 of proc(5)); utime, stime are fields 14, 15.
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    # fields[0] is the state (field 3 of proc(5)); utime, stime are fields 14, 15;
+    # cutime, cstime (children the process has waited for) are 16, 17.
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / _CLK_TCK
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of the whole process (all threads, live or ended)."""
-    return _cpu_seconds(Path(f"/proc/{pid}/stat"))
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """User + system CPU of the whole process (all threads, live or ended);
+    with ``children``, plus every child it has reaped (the service's ffprobe)."""
+    return _cpu_seconds(Path(f"/proc/{pid}/stat"), children=children)
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """User + system CPU of the reaped children of ``pid`` (ffprobe, for the service)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # cutime, cstime are fields 16, 17 of proc(5).
+    return (int(fields[13]) + int(fields[14])) / _CLK_TCK
 
 
 def main_thread_cpu_seconds(pid: int) -> float:
     """CPU of the main thread only: for the service, its asyncio event loop."""
     return _cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
+
+
+# -- passing settings through to the service -----------------------------------
+
+
+def env_pair(text: str) -> tuple[str, str]:
+    """``KEY=VAL`` for ``--service-env``: an argparse ``type``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or key != key.strip():
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def known_env_names() -> set[str]:
+    """The environment names the service's Config reads (upper-cased fields).
+
+    Lets a bench say whether a ``--service-env`` setting means anything to the
+    service it runs: a name it does not know is ignored by the service, which
+    would make a "ceiling" run silently the same as the normal one.
+    """
+    return {f.encode_name for f in msgspec.structs.fields(Config)}
 
 
 # -- py-spy -------------------------------------------------------------------
@@ -266,6 +321,13 @@ def hash_file(path: Path, plans: Sequence[PartHasher]) -> str:
     return whole.hexdigest()
 
 
+def sha256_matches(got: str | None, expected: str) -> bool:
+    """A SHA-256 the service reported is right; none at all is allowed, because
+    the service computes one only with SIDECAR_SHA256 (the object then carries
+    the store-verified checksum instead, and its ETag is checked on its own)."""
+    return not got or got == expected
+
+
 def fixed_parts(size: int, part: int) -> list[int]:
     return [min(part, size - off) for off in range(0, size, part)] or [0]
 
@@ -338,8 +400,13 @@ def bench_main(
     run: Callable[[Any], dict[str, Any]],
     report: Callable[[dict[str, Any]], str],
     argv: list[str] | None = None,
+    headline: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> int:
-    """``python -m tests.bench.bench_<name>``: run one bench, print, write JSON."""
+    """``python -m tests.bench.bench_<name>``: run one bench, print, write JSON.
+
+    With ``headline``, its figures are also printed as one JSON line
+    (``RESULT {...}``), for pasting into notes and for grep.
+    """
     args = parse_args(argv)
     try:
         result = run(args)
@@ -354,5 +421,8 @@ def bench_main(
     }
     print(f"command: {payload['command']}")
     print(report(result))
+    if headline is not None:
+        line = {"bench": name, "ok": result["ok"], **headline(result)}
+        print("RESULT " + json.dumps(line, separators=(",", ":")))
     print(f"JSON: {write_json(f'{name}.json', payload)}")
     return 0 if result["ok"] else 1

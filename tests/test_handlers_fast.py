@@ -1,0 +1,338 @@
+"""The finalizer's and the multipart mechanics' decisions, in milliseconds.
+
+Real files in a temp dir, the real handlers, the real fold and codec; the
+store is ``MemoryStore`` and the Redis side is ``tests.contracts.memorylog``
+(both pass the contract suites their real counterparts pass). What crosses
+Redis or S3 for real (leases between processes, fenced appends, SeaweedFS's
+own answers, crashes) stays in the server tests (test_pipeline, test_fencing,
+test_faults, ...); these cover the branches of one handler call: a small file
+in one put, multipart, a second delivery, a completion whose event was lost,
+an upload the store lost, a patched part, an adopted orphan, a lost lease, a
+file that moved, an empty file, and the failer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import prometheus_client
+import pytest
+
+from cefmp4.adapters.checksums import checksum_of, md5_of, multipart_etag
+from cefmp4.adapters.eventlog import EventLog
+from cefmp4.adapters.leases import Fence, LeaseLost, StreamLeases
+from cefmp4.adapters.memorystore import MemoryStore
+from cefmp4.adapters.metrics import Metrics
+from cefmp4.adapters.storage import RemotePart
+from cefmp4.dev.localservers import S3Endpoint
+from cefmp4.domain.errors import NoSuchUpload, StreamEnded
+from cefmp4.domain.events import (
+    Event,
+    FileSeen,
+    PartUploaded,
+    StreamCompleted,
+    StreamFailed,
+    StreamIdle,
+    UploadStarted,
+)
+from cefmp4.domain.partplan import Span
+from consumers.deps import Deps
+from consumers.finalizer import Finalizer
+from consumers.uploads import Uploads, failer
+from projections.live import LiveProjection
+from projections.streams import StreamState
+from tests.contracts.memorylog import MemoryEventLog, MemoryLeases
+from tests.harness import service_config
+
+# A scale model: parts of 64 KiB instead of S3's 5 MiB, the store enforcing
+# the same minimum at that scale (the plan only depends on the chunk size), so
+# that hashing a few files costs microseconds. The 5 MiB runs are the server tests.
+C = 64 * 1024
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+STREAM = "s-1"
+KEY = "streams/cam/a.mp4"
+
+
+@dataclass
+class World:
+    path: Path
+    log: MemoryEventLog
+    store: MemoryStore
+    guard: MemoryLeases
+    deps: Deps
+    uploads: Uploads
+    finalizer: Finalizer
+
+    def of(self, kind: type[Event]) -> list[Event]:
+        return [e for e in self.log.events if isinstance(e, kind)]
+
+    async def state(self) -> StreamState:
+        return (await self.deps.projection.catch_up()).streams[STREAM]
+
+    async def idle(self) -> StreamIdle:
+        st = self.path.stat()
+        event = StreamIdle(
+            stream_id=STREAM,
+            at=AT,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            reason="settled",
+            mp4="complete",
+        )
+        await self.log.append(event)
+        return event
+
+    async def send_parts(self, *numbers: int) -> str:
+        """What the uploader does before the file settles: parts up to ``numbers``."""
+        s = await self.state()
+        async with self.guard.hold(STREAM) as fence:
+            f = cast(Fence, fence)
+            upload_id = await self.uploads.ensure_upload(s, f)
+            s = await self.state()
+            spans = [Span(n, (n - 1) * C, C) for n in numbers]
+            await self.uploads.send(s, upload_id, spans, "growing", f)
+        return upload_id
+
+
+def make_world(tmp_path: Path, store: MemoryStore, guard: MemoryLeases) -> World:
+    path = tmp_path / "a.mp4"
+    log = guard.log
+    unused = S3Endpoint("http://127.0.0.1:9", "k", "s", "us-east-1")  # never contacted
+    # Config() does not apply the decoder's 5 MiB floor: the scale model's way in.
+    config = service_config(
+        tmp_path, "redis://127.0.0.1:9/0", "t", "bucket", unused, chunk_size_bytes=C
+    )
+    projection = LiveProjection(cast(EventLog, log))
+    deps = Deps(
+        config=config,
+        events=cast(EventLog, log),
+        projection=projection,
+        store=store,
+        stream_leases=cast(StreamLeases, guard),
+        metrics=Metrics(prometheus_client.CollectorRegistry()),
+        now=lambda: AT,
+    )
+    uploads = Uploads(deps)
+    return World(path, log, store, guard, deps, uploads, Finalizer(deps, uploads))
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return make_world(
+        tmp_path, MemoryStore("bucket", min_part_size=C), MemoryLeases(MemoryEventLog())
+    )
+
+
+async def record(world: World, data: bytes) -> None:
+    """The recording is on disk and the watcher has seen it."""
+    world.path.write_bytes(data)
+    st = world.path.stat()
+    await world.log.append(
+        FileSeen(
+            stream_id=STREAM,
+            at=AT,
+            path=str(world.path),
+            rel_path="a.mp4",
+            bucket="bucket",
+            key=KEY,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            inode=st.st_ino,
+        )
+    )
+
+
+def completed(world: World) -> StreamCompleted:
+    [event] = world.of(StreamCompleted)
+    assert isinstance(event, StreamCompleted)
+    return event
+
+
+async def test_a_small_file_goes_up_in_one_put(world: World) -> None:
+    data = os.urandom(C // 2)
+    await record(world, data)
+    await world.finalizer.handle(await world.idle())
+    done = completed(world)
+    assert await world.store.get_object(KEY) == data
+    assert (done.etag, done.parts, done.size) == (md5_of(data)[0], 0, len(data))
+    assert done.sha256 == ""  # SIDECAR_SHA256 is off: the CRC below is the proof
+    info = await world.store.head_object(KEY)
+    assert info is not None and info.checksum == checksum_of("crc64nvme", data)
+    assert world.of(UploadStarted) == [] and await world.store.list_uploads("") == []
+
+
+async def test_a_large_file_is_completed_from_its_parts(world: World) -> None:
+    data = os.urandom(2 * C + C // 2 + 5)
+    await record(world, data)
+    await world.finalizer.handle(await world.idle())
+    done = completed(world)
+    parts = sorted(
+        (e for e in world.of(PartUploaded) if isinstance(e, PartUploaded)),
+        key=lambda p: p.part_number,
+    )
+    assert [p.part_number for p in parts] == [1, 2, 3]
+    assert done.parts == 3 and done.etag == multipart_etag([p.etag for p in parts])
+    assert await world.store.get_object(KEY) == data
+    assert await world.store.list_uploads("") == []
+
+
+async def test_a_second_delivery_does_nothing(world: World) -> None:
+    await record(world, os.urandom(2 * C + C // 5))
+    idle = await world.idle()
+    await world.finalizer.handle(idle)
+    before = list(world.log.events)
+    await world.finalizer.handle(idle)
+    assert world.log.events == before
+
+
+async def test_parts_sent_while_growing_are_not_sent_again(world: World) -> None:
+    data = os.urandom(2 * C + C // 5)
+    await record(world, data)
+    await world.send_parts(1, 2)
+    await world.finalizer.handle(await world.idle())
+    sent = [e.part_number for e in world.of(PartUploaded) if isinstance(e, PartUploaded)]
+    assert sorted(sent) == [1, 2, 3]  # 1 and 2 once, while growing; only the tail at the end
+    assert completed(world).parts == 3 and await world.store.get_object(KEY) == data
+
+
+async def test_a_completion_after_a_crash_before_its_event(world: World) -> None:
+    # The process completed the upload and died before StreamCompleted. On
+    # redelivery the upload is gone (list_parts: NoSuchUpload), so today the
+    # finalizer starts a new one and sends the file again: correct, not cheap.
+    data = os.urandom(2 * C)
+    await record(world, data)
+    upload_id = await world.send_parts(1, 2)
+    layout = [(p.number, p.etag) for p in await world.store.list_parts(KEY, upload_id)]
+    await world.store.complete_multipart(KEY, upload_id, layout)
+    await world.finalizer.handle(await world.idle())
+    assert completed(world).parts == 2
+    assert await world.store.get_object(KEY) == data
+
+
+class AnswerLost(MemoryStore):
+    """CompleteMultipartUpload succeeds but its answer is lost: the retry of
+    the request (inside S3Store) then hears NoSuchUpload."""
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[tuple[int, str]], **checksums: Any
+    ) -> str:
+        await super().complete_multipart(key, upload_id, parts, **checksums)
+        raise NoSuchUpload("s3 NoSuchUpload: completed by the attempt whose answer was lost")
+
+
+async def test_a_completion_whose_answer_was_lost_is_recognised(tmp_path: Path) -> None:
+    world = make_world(
+        tmp_path, AnswerLost("bucket", min_part_size=C), MemoryLeases(MemoryEventLog())
+    )
+    data = os.urandom(2 * C)
+    await record(world, data)
+    await world.finalizer.handle(await world.idle())
+    done = completed(world)
+    info = await world.store.head_object(KEY)
+    assert info is not None and done.etag == info.etag and done.parts == 2
+    assert len(world.of(UploadStarted)) == 1  # not started again
+
+
+class ExpiresOnListing(MemoryStore):
+    """The stream's lease expires while the finalizer lists the parts."""
+
+    guard: MemoryLeases
+
+    async def list_parts(self, key: str, upload_id: str) -> list[RemotePart]:
+        parts = await super().list_parts(key, upload_id)
+        self.guard.expire(STREAM)
+        return parts
+
+
+async def test_a_lease_lost_before_completion_leaves_the_upload_open(tmp_path: Path) -> None:
+    # Every part is in the store already, so nothing is appended between the
+    # listing and the completion: only the lease check before it can notice.
+    store, guard = ExpiresOnListing("bucket", min_part_size=C), MemoryLeases(MemoryEventLog())
+    world = make_world(tmp_path, store, guard)
+    await record(world, os.urandom(3 * C))
+    upload_id = await world.send_parts(1, 2, 3)
+    store.guard = guard
+    with pytest.raises(LeaseLost):
+        await world.finalizer.handle(await world.idle())
+    assert await world.store.head_object(KEY) is None
+    assert [u.upload_id for u in await world.store.list_uploads("")] == [upload_id]
+
+
+async def test_an_upload_the_store_lost_is_started_again(world: World) -> None:
+    data = os.urandom(2 * C + C // 5)
+    await record(world, data)
+    lost = await world.send_parts(1, 2)
+    await world.store.abort_multipart(KEY, lost)  # a lifecycle rule, a hand
+    await world.finalizer.handle(await world.idle())
+    started = [e.upload_id for e in world.of(UploadStarted) if isinstance(e, UploadStarted)]
+    assert len(started) == 2 and started[0] == lost and started[1] != lost
+    assert completed(world).parts == 3 and await world.store.get_object(KEY) == data
+
+
+async def test_a_part_patched_after_it_was_sent_is_sent_again(world: World) -> None:
+    data = bytearray(os.urandom(2 * C + C // 5))
+    await record(world, bytes(data))
+    await world.send_parts(1, 2)
+    data[40:44] = b"\x00\x00\x10\x00"  # the recorder rewrites the mdat size at the end
+    world.path.write_bytes(bytes(data))
+    await world.finalizer.handle(await world.idle())
+    again = [e.part_number for e in world.of(PartUploaded) if isinstance(e, PartUploaded)]
+    assert sorted(again) == [1, 1, 2, 3]  # part 1 twice, 2 (unchanged) once
+    assert await world.store.get_object(KEY) == bytes(data)
+
+
+async def test_an_orphan_upload_in_the_store_is_adopted_and_extras_aborted(
+    world: World,
+) -> None:
+    # A crash after CreateMultipartUpload, twice, before UploadStarted (by a
+    # service like this one: S3_CHECKSUM=auto, which MemoryStore verifies).
+    await record(world, os.urandom(2 * C + C // 5))
+    first = await world.store.create_multipart(KEY, "video/mp4", checksum="crc64nvme")
+    await world.store.create_multipart(KEY, "video/mp4", checksum="crc64nvme")
+    await world.finalizer.handle(await world.idle())
+    started = [e.upload_id for e in world.of(UploadStarted) if isinstance(e, UploadStarted)]
+    assert started == [first]
+    assert await world.store.list_uploads("") == []
+    assert completed(world).parts == 3
+
+
+async def test_a_lost_lease_completes_nothing(world: World) -> None:
+    await record(world, os.urandom(2 * C + C // 5))
+    world.guard.lose(STREAM)
+    with pytest.raises(LeaseLost):
+        await world.finalizer.handle(await world.idle())
+    assert world.of(StreamCompleted) == [] and await world.store.head_object(KEY) is None
+    assert await world.store.list_uploads("") == []  # checked before CreateMultipartUpload
+
+
+async def test_a_file_that_changed_since_it_went_idle_is_left_for_the_next_idle(
+    world: World,
+) -> None:
+    await record(world, os.urandom(2 * C + C // 5))
+    idle = await world.idle()
+    with world.path.open("ab") as f:
+        f.write(b"more")
+    await world.finalizer.handle(idle)
+    assert world.of(StreamCompleted) == [] and await world.store.head_object(KEY) is None
+
+
+async def test_an_empty_file_ends_the_stream(world: World) -> None:
+    await record(world, b"")
+    with pytest.raises(StreamEnded) as caught:
+        await world.finalizer.handle(await world.idle())
+    assert caught.value.reason == "empty"
+
+
+async def test_the_failer_aborts_the_upload_and_records_why(world: World) -> None:
+    await record(world, os.urandom(2 * C + C // 5))
+    await world.send_parts(1)
+    await failer(world.deps, world.uploads)(STREAM, "unreadable", "EIO")
+    [failed] = world.of(StreamFailed)
+    assert isinstance(failed, StreamFailed) and failed.reason == "unreadable"
+    assert await world.store.list_uploads("") == []
+    s = (await world.deps.projection.catch_up()).streams.get(STREAM)
+    assert s is None or s.terminal

@@ -25,7 +25,7 @@ from cefmp4.domain.mp4 import (
     file_ends_with_mfra,
     iter_top_level_boxes,
 )
-from cefmp4.domain.watchrules import Action, CheckMp4, Stopped, Timing, decide
+from cefmp4.domain.watchrules import Action, CheckMp4, Grew, Stopped, Timing, decide
 from tests import mp4gen
 from tests.properties import examples
 from tests.test_watchrules import (
@@ -33,6 +33,7 @@ from tests.test_watchrules import (
     FRAGMENTED,
     INCOMPLETE,
     INVALID,
+    MTIME,
     Look,
     file,
     looks,
@@ -206,15 +207,40 @@ def test_decide_with_a_close(
 
     without, with_close = run(None, False), run(closed_for, mfra)
     if any(isinstance(a, Stopped) and a.cause == "closed" for a in with_close):
-        assert len(with_close) == 1
-        # Only an unchanged, live stream whose structure proves it finished.
+        # Only a live stream whose structure proves it finished; a change
+        # since the last report is reported first, in the same pass.
         assert closed_for is not None and closed_for >= guard
         assert verdict is not None and complete_when_closed(verdict, mfra)
         assert current is not None and state is not None and not state.terminal
-        assert (current.size, current.mtime_ns) == (state.size, state.mtime_ns)
-        assert look.idle_sent != (current.size, current.mtime_ns)
+        changed = (current.size, current.mtime_ns) != (state.size, state.mtime_ns)
+        grew = [Grew(state.stream_id, current)] if changed else []
+        assert with_close[:-1] == grew and isinstance(with_close[-1], Stopped)
+        assert with_close[-1].stat == current
+        assert changed or look.idle_sent != (current.size, current.mtime_ns)
     elif with_close != [CheckMp4()]:
         # A close that proves nothing changes nothing.
         assert with_close == without
     if closed_for is None or closed_for < guard:
         assert with_close == without
+
+
+def test_a_last_write_before_the_close_is_reported_with_the_stop() -> None:
+    # A recorder's last write is often a header patch: the size stays, the
+    # mtime moves, and no new part fills. Without a close that change waits
+    # for the coalescing window; after a close it goes out with the stop.
+    patched = file(mtime_ns=MTIME + 1)
+    timing = msgspec.structs.replace(GUARD, chunk=10 << 20, coalesce=1.0)
+
+    def at(closed_for: float | None) -> Acts:
+        return decide(
+            patched,
+            stream(),
+            quiet_for=0.3,
+            verdict=COMPLETE,
+            idle_sent=None,
+            timing=timing,
+            closed_for=closed_for,
+        )
+
+    assert at(None) == []  # coalesced: no new part, not quiet for 1 s yet
+    assert at(0.3) == [Grew("s1", patched), Stopped("s1", patched, "settled", COMPLETE, "closed")]

@@ -144,20 +144,24 @@ def decide(
         return []  # the uploader is ending it; a new stream follows once it is terminal
     if current.inode != stream.inode or current.size < stream.size:
         return [Truncated(stream.stream_id, current.size), Seen(current)]
-    if (current.size, current.mtime_ns) != (stream.size, stream.mtime_ns):
+    changed = (current.size, current.mtime_ns) != (stream.size, stream.mtime_ns)
+    if not changed and idle_sent == (current.size, current.mtime_ns):
+        return []
+    if closed_for is not None and closed_for >= timing.close_guard:
+        if verdict is None:
+            return [CheckMp4()]
+        if complete_when_closed(verdict, mfra):
+            # The writer is done: its last bytes and that it stopped, in one
+            # pass (its last write, often a header patch, is not coalesced).
+            grew = [Grew(stream.stream_id, current)] if changed else []
+            return [*grew, Stopped(stream.stream_id, current, "settled", verdict, "closed")]
+    if changed:
         if timing.chunk == 0 or quiet_for >= timing.coalesce:
             return [Grew(stream.stream_id, current)]
         new_part = whole_part_count(current.size, timing.chunk) > whole_part_count(
             stream.size, timing.chunk
         )
         return [Grew(stream.stream_id, current)] if new_part else []
-    if idle_sent == (current.size, current.mtime_ns):
-        return []
-    if closed_for is not None and closed_for >= timing.close_guard:
-        if verdict is None:
-            return [CheckMp4()]
-        if complete_when_closed(verdict, mfra):
-            return [Stopped(stream.stream_id, current, "settled", verdict, "closed")]
     if quiet_for >= timing.timeout:
         if verdict is None:
             return [CheckMp4()]

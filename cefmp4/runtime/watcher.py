@@ -122,6 +122,9 @@ BATCH = 1000
 # this is the belt for file systems that give none. Every tick would make a
 # backlog of N idle streams cost O(N) per tick and O(N^2) over the drain.
 IDLE_RECHECK_SECONDS = 1.0
+# A close's second look comes this long after CLOSE_GUARD_SECONDS, so that the
+# guard has surely passed by the watcher's own clock when it looks.
+_GUARD_SLACK = 0.01
 
 
 def _skip_dir(name: bytes) -> bool:
@@ -422,6 +425,10 @@ class Watcher:
             )
             return
         gauge.set(1)
+        loop = asyncio.get_running_loop()
+        # Look again the moment the guard is over, not at the next tick: that
+        # look is the one that may finish the file (up to a tick sooner).
+        guard = self._timing.close_guard + _GUARD_SLACK
         try:
             async for batch in watch.facts():
                 now = self._clock()
@@ -430,6 +437,7 @@ class Watcher:
                     if is_recording(self._rel(path)):
                         self._closed[path] = (None, now)
                         self._dirty.add(path)
+                        loop.call_later(guard, self._look_soon, path)
                 self._wake.set()
         except closes.Unavailable as exc:
             log.warning(
@@ -440,6 +448,11 @@ class Watcher:
         finally:
             gauge.set(0)
             watch.close()
+
+    def _look_soon(self, path: str) -> None:
+        """Have the next pass look at ``path`` and start that pass now."""
+        self._dirty.add(path)
+        self._wake.set()
 
     def _closed_for(self, path: str, sig: Sig | None, now: float) -> float | None:
         """Seconds since the writer closed ``path``, if it is unchanged since."""

@@ -147,6 +147,7 @@ class Finalizer:
                 parts=parts,
                 mp4=idle.mp4,
                 mp4_reason=idle.mp4_reason,
+                checksum=info.checksum,
             ),
             fence,
         )

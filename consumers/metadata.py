@@ -430,9 +430,12 @@ class MetadataWriter:
                 error=probe.error,
             )
         # The object's checksum as the store holds it: what it verified, not
-        # what we meant to send.
-        info = await self._deps.store.head_object(event.key)
-        checksum = "" if info is None else info.checksum
+        # what we meant to send. The finalizer's HEAD recorded it; a completion
+        # logged before it did (or by a store that reports none) asks again.
+        checksum = event.checksum
+        if not checksum:
+            info = await self._deps.store.head_object(event.key)
+            checksum = "" if info is None else info.checksum
         doc = sidecar(s, event, probe, self._deps.config.s3_key_prefix, self._deps.now(), checksum)
         body = encode_sidecar(doc)
         md5_b64 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import msgspec
 import prometheus_client
 import pytest
 
@@ -42,6 +43,7 @@ from cefmp4.domain.events import (
 from cefmp4.domain.partplan import Span
 from consumers.deps import Deps
 from consumers.finalizer import Finalizer
+from consumers.metadata import MetadataWriter
 from consumers.uploads import Uploads, failer
 from projections.live import LiveProjection
 from projections.streams import StreamState
@@ -336,3 +338,29 @@ async def test_the_failer_aborts_the_upload_and_records_why(world: World) -> Non
     assert await world.store.list_uploads("") == []
     s = (await world.deps.projection.catch_up()).streams.get(STREAM)
     assert s is None or s.terminal
+
+
+class CountsHeads(MemoryStore):
+    heads = 0
+
+    async def head_object(self, key: str) -> Any:
+        self.heads += 1
+        return await super().head_object(key)
+
+
+async def test_the_sidecar_takes_the_checksum_the_finalizer_saw(tmp_path: Path) -> None:
+    # One HEAD per recording (the finalizer's verification), not two: the
+    # completion carries the store's checksum to the metadata writer.
+    store = CountsHeads("bucket", min_part_size=C)
+    world = make_world(tmp_path, store, MemoryLeases(MemoryEventLog()))
+    data = os.urandom(C // 2)
+    await record(world, data)
+    await world.finalizer.handle(await world.idle())
+    done = completed(world)
+    assert done.checksum == checksum_of("crc64nvme", data) and store.heads == 1
+    await MetadataWriter(world.deps).handle(done)
+    assert store.heads == 1
+    body = await store.get_object(f"{KEY}.metadata.json")
+    assert body is not None
+    sidecar = msgspec.json.decode(body)
+    assert sidecar["checksum"]["value"] == done.checksum.split(":", 1)[1]

@@ -181,6 +181,10 @@ class StreamCompleted(Event, frozen=True, kw_only=True):
     parts: int  # 0 for a single PutObject
     mp4: Mp4State
     mp4_reason: str = ""
+    # The object's checksum as the store reported it after completion (tagged,
+    # "crc64nvme:<base64>"), "" where it reports none: what the sidecar says
+    # the store verified, without asking the store again.
+    checksum: str = ""
 
 
 class MetadataWritten(Event, frozen=True, kw_only=True):

@@ -67,10 +67,25 @@ def read_since(part: Part, idle: StreamIdle) -> bool:
 
 
 def same_bytes(known: Part, chunk: Chunk) -> bool:
-    """Like with like: the recorded CRC when the part has one, else its MD5."""
+    """Like with like: the CRC the store verified when the part has one, else
+    the local CRC recorded with it (md5/none mode), else its MD5."""
     if checksums.untag(known.checksum) is not None:
         return chunk.checksum == known.checksum
+    if checksums.untag(known.crc) is not None:
+        return chunk.crc == known.crc
     return bool(known.md5) and chunk.md5_hex == known.md5
+
+
+def needs_md5(known: Part | None, continues: bool) -> bool | None:
+    """The ``md5`` for a finalizer's read (``Uploads.read``): True where only
+    an MD5 can tell the bytes (a part recorded with no CRC, a continuation's
+    copy check), False for a compare by CRC, None (as the mode needs) for a
+    part not sent yet."""
+    if continues:
+        return True
+    if known is None:
+        return None
+    return checksums.untag(known.checksum) is None and checksums.untag(known.crc) is None
 
 
 class Finalizer:
@@ -272,9 +287,7 @@ class Finalizer:
                         if known is not None and whole is None and read_since(known, idle):
                             sent[span.number] = Sent(known.etag, known.checksum)
                             continue
-                        md5 = s.continues is not None or (
-                            known is not None and checksums.untag(known.checksum) is None
-                        )
+                        md5 = needs_md5(known, s.continues is not None)
                         chunk = await self._uploads.read(s, span, algorithm, md5=md5)
                         try:
                             if whole is not None:

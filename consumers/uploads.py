@@ -95,23 +95,31 @@ class Chunk:
     span: Span
     buffer: bytearray
     data: memoryview  # the span's bytes, the start of ``buffer``
-    checksum: str  # tagged CRC, "" unless one was asked for
-    md5_hex: str  # "" unless asked for
+    algorithm: Algorithm  # the upload's: what a send of these bytes must carry
+    checksum: str  # tagged CRC sent with the part; "" unless the algorithm is one
+    crc: str  # tagged CRC computed in every mode: ``checksum``, or a local CRC64NVME
+    md5_hex: str  # "" unless asked for (``Uploads.send_chunk`` fills it when needed)
     md5_b64: str
     quiet: FileStat | None  # the stat after the read, if the file was quiet before
     users: int = 1  # ``Uploads.release`` hands the buffer back when the last one is done
 
 
 def _read_and_digest(
-    path: str, inode: int, span: Span, buffer: bytearray, crc: checksums.Crc | None, md5: bool
+    path: str, inode: int, span: Span, buffer: bytearray, algorithm: Algorithm, md5: bool
 ) -> Chunk:
     started_ns = time.time_ns()
     data = memoryview(buffer)[: span.size]
     after = files.read_into(path, span.offset, data).after
-    checksum = "" if crc is None else checksums.checksum_of(crc, data)
+    sent_crc = checksums.as_crc(algorithm)
+    # A CRC in every mode (~20 GB/s): what a later re-read of these bytes is
+    # compared with, where the store verifies only an MD5 or nothing.
+    crc = checksums.checksum_of(sent_crc or "crc64nvme", data)
     md5_hex, md5_b64 = md5_of(data) if md5 else ("", "")
     still = after.inode == inode and after.mtime_ns < started_ns - QUIET_NS
-    return Chunk(span, buffer, data, checksum, md5_hex, md5_b64, after if still else None)
+    checksum = crc if sent_crc else ""
+    return Chunk(
+        span, buffer, data, algorithm, checksum, crc, md5_hex, md5_b64, after if still else None
+    )
 
 
 @contextmanager
@@ -200,15 +208,17 @@ class Uploads:
         return upload_algorithm(parts, resolved)
 
     async def read(
-        self, s: StreamState, span: Span, algorithm: Algorithm, *, md5: bool = False
+        self, s: StreamState, span: Span, algorithm: Algorithm, *, md5: bool | None = None
     ) -> Chunk:
-        """Read ``span`` into a lent buffer, with the digests ``algorithm``
-        needs (and the MD5 if ``md5``); hand it back with ``release``."""
+        """Read ``span`` into a lent buffer with its CRC, and its MD5 if ``md5``
+        (None: if ``algorithm`` sends one, i.e. md5 mode); hand it back with
+        ``release``. A read only to compare passes ``md5=False``: a send of
+        the chunk computes the MD5 then, if it needs it."""
         buffer = self.buffers.take(span.size)
-        crc = checksums.as_crc(algorithm)
+        want_md5 = algorithm == "md5" if md5 is None else md5
         try:
             return await asyncio.to_thread(
-                _read_and_digest, s.path, s.inode, span, buffer, crc, md5 or algorithm == "md5"
+                _read_and_digest, s.path, s.inode, span, buffer, algorithm, want_md5
             )
         except BaseException:
             self.buffers.give(buffer)
@@ -321,13 +331,13 @@ class Uploads:
                 md5_hex = chunk.md5_hex or self._md5_from(rp.etag)
                 event = await self._record_part(
                     s, upload_id, span, rp.etag, md5_hex, fence, checksum=chunk.checksum,
-                    quiet=chunk.quiet,
+                    quiet=chunk.quiet, crc="" if chunk.checksum else chunk.crc,
                 )  # fmt: skip
             finally:
                 self.release(chunk)
             parts[rp.number] = Part(
                 rp.number, offset, rp.size, rp.etag, md5_hex, event.at, checksum=event.checksum,
-                file_size=event.file_size, file_mtime_ns=event.file_mtime_ns,
+                file_size=event.file_size, file_mtime_ns=event.file_mtime_ns, crc=event.crc,
             )  # fmt: skip
             log.info("adopted part found in store", stream_id=s.stream_id, part=rp.number)
         self._reconciled.add((s.stream_id, upload_id))
@@ -387,6 +397,10 @@ class Uploads:
         MD5 too when the stream continues an object), or copy it from the
         continued object when that holds these very bytes."""
         span = chunk.span
+        if chunk.algorithm == "md5" and not chunk.md5_b64:
+            # Read only to compare (the finalizer), then found changed: the
+            # Content-MD5 the store checks is computed now.
+            chunk.md5_hex, chunk.md5_b64 = await asyncio.to_thread(md5_of, chunk.data)
         if chunk.md5_hex:
             copied = await self.copy_unchanged(
                 s, upload_id, span, chunk.md5_hex, fence, checksum=chunk.checksum
@@ -403,8 +417,9 @@ class Uploads:
             # for continuations and adoption is computed here after all.
             md5_hex, _ = await asyncio.to_thread(md5_of, chunk.data)
         await self._record_part(
-            s, upload_id, span, etag, md5_hex, fence, checksum=chunk.checksum, quiet=chunk.quiet
-        )
+            s, upload_id, span, etag, md5_hex, fence, checksum=chunk.checksum, quiet=chunk.quiet,
+            crc="" if chunk.checksum else chunk.crc,
+        )  # fmt: skip
         self._deps.metrics.uploaded(why, span.size, self._deps.now())
         return Sent(etag, chunk.checksum)
 
@@ -420,6 +435,7 @@ class Uploads:
         copied: bool = False,
         checksum: str = "",
         quiet: FileStat | None = None,
+        crc: str = "",
     ) -> PartUploaded:
         """The fact that the store holds ``span`` as part ``span.number``."""
         event = PartUploaded(
@@ -435,6 +451,7 @@ class Uploads:
             checksum=checksum,
             file_size=None if quiet is None else quiet.size,
             file_mtime_ns=None if quiet is None else quiet.mtime_ns,
+            crc=crc,
         )
         await self._deps.emit(event, fence)
         return event

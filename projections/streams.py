@@ -83,6 +83,7 @@ class Part(msgspec.Struct, frozen=True, gc=False):
     checksum: str = ""  # tagged CRC (PartUploaded.checksum), "" for md5/none
     file_size: int | None = None  # the file when the part was read, if quiet
     file_mtime_ns: int | None = None
+    crc: str = ""  # local CRC of the bytes sent when ``checksum`` is "" (PartUploaded.crc)
 
 
 class IdleReport(msgspec.Struct, frozen=True, gc=False):
@@ -278,6 +279,7 @@ def _part_uploaded(state: StreamState, event: PartUploaded) -> StreamState:
         checksum=event.checksum,
         file_size=event.file_size,
         file_mtime_ns=event.file_mtime_ns,
+        crc=event.crc,
     )
     return _replace(state, parts={**state.parts, event.part_number: part})
 

@@ -158,6 +158,7 @@ def test_data_example_is_readable_without_msgspec() -> None:
         "checksum": "",
         "file_size": None,
         "file_mtime_ns": None,
+        "crc": "",
     }
 
 

@@ -182,8 +182,11 @@ class Uploads:
         self._reconciled: set[tuple[str, str]] = set()
         self._streams = asyncio.Semaphore(deps.config.max_concurrent_streams)
         # Idle buffers kept while parts move: a stream's parts in flight plus
-        # the one a finalizer reads ahead with.
-        self.buffers = files.Buffers(deps.config.part_concurrency + 1)
+        # the one a finalizer reads ahead with; at most MAX_PARTS_IN_FLIGHT
+        # lent at once, across every stream and both groups.
+        self.buffers = files.Buffers(
+            deps.config.part_concurrency + 1, limit=deps.config.max_parts_in_flight
+        )
         self._algorithm: Algorithm | None = None
         self._resolving = asyncio.Lock()
 
@@ -214,7 +217,7 @@ class Uploads:
         (None: if ``algorithm`` sends one, i.e. md5 mode); hand it back with
         ``release``. A read only to compare passes ``md5=False``: a send of
         the chunk computes the MD5 then, if it needs it."""
-        buffer = self.buffers.take(span.size)
+        buffer = await self.buffers.take(span.size)
         want_md5 = algorithm == "md5" if md5 is None else md5
         try:
             return await asyncio.to_thread(

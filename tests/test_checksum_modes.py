@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import itertools
@@ -86,20 +87,33 @@ def test_crc_matches_the_published_check_values() -> None:
     assert checksums.crc_value("crc64nvme", b"123456789") == 0xAE8B14860A799888
 
 
-def test_buffers_are_reused_bounded_and_dropped_when_nothing_is_lent() -> None:
+async def test_buffers_are_reused_bounded_and_dropped_when_nothing_is_lent() -> None:
     pool = files.Buffers(keep=2)
-    busy = pool.take(10)
-    a, b, c = pool.take(10), pool.take(10), pool.take(20)
+    busy = await pool.take(10)
+    a, b, c = await pool.take(10), await pool.take(10), await pool.take(20)
     for buf in (a, b, c):
         pool.give(buf)
     assert pool.idle == 2  # the smaller of a and b went
-    again = pool.take(15)
+    again = await pool.take(15)
     assert again is c  # the smallest idle one that fits
-    assert len(pool.take(30)) == 30
+    assert len(await pool.take(30)) == 30
     for buf in (again, busy):
         pool.give(buf)
     pool.give(bytearray(1))  # the last one lent
     assert pool.idle == 0
+
+
+async def test_buffers_lend_at_most_limit_at_once_first_come_first_served() -> None:
+    pool = files.Buffers(keep=4, limit=2)
+    first, second = await pool.take(10), await pool.take(10)
+    waiting = [asyncio.ensure_future(pool.take(10)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert not any(w.done() for w in waiting)  # two lent: the third waits
+    pool.give(first)
+    await asyncio.sleep(0.01)
+    assert [w.done() for w in waiting] == [True, False]  # in the order asked
+    pool.give(second)
+    assert await waiting[1] is not None
 
 
 def test_read_into_fills_the_view_and_stats_after(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ open descriptor says is not a regular file, before reading a byte.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import stat as statmod
@@ -187,18 +188,26 @@ class Buffers:
     all dropped, so memory follows the parts in flight and an idle service
     holds none.
 
+    With ``limit``, at most that many are lent at once: a ``take`` beyond it
+    waits for a ``give`` (first come, first served), so the memory of parts
+    in flight is bounded for the whole process, however many streams move.
+
     Used from the event loop (``take``/``give`` are not thread-safe); the
     bytes are filled in threads. A buffer is never resized (views of it may
     still exist), only dropped.
     """
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, limit: int | None = None) -> None:
         self._free: list[bytearray] = []
         self._keep = keep
         self._lent = 0
+        self._room = None if limit is None else asyncio.Semaphore(limit)
 
-    def take(self, size: int) -> bytearray:
-        """A buffer of at least ``size`` bytes (the smallest idle one that fits)."""
+    async def take(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes (the smallest idle one that
+        fits); waits while ``limit`` buffers are lent."""
+        if self._room is not None:
+            await self._room.acquire()
         self._lent += 1
         fits = [b for b in self._free if len(b) >= size]
         if not fits:
@@ -209,6 +218,8 @@ class Buffers:
 
     def give(self, buffer: bytearray) -> None:
         self._lent -= 1
+        if self._room is not None:
+            self._room.release()
         if self._lent == 0:
             self._free.clear()
             return

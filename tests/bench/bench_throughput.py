@@ -50,7 +50,13 @@ from typing import Any, BinaryIO
 import redis
 from botocore.exceptions import ClientError
 
-from cefmp4.dev.localservers import JuiceFSGateway, RedisServer, S3Endpoint, make_s3_client
+from cefmp4.dev.localservers import (
+    JuiceFSGateway,
+    RedisServer,
+    S3Endpoint,
+    SeaweedS3,
+    make_s3_client,
+)
 from cefmp4.domain.events import (
     FileSeen,
     MetadataWritten,
@@ -129,6 +135,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"default {' '.join(DEFAULT_CEILING_ENV)})",
     )  # fmt: skip
     p.add_argument("--no-ceiling", action="store_true", help="skip the no-hashing service run")
+    p.add_argument(
+        "--s3", choices=("juicefs", "seaweedfs"), default="juicefs",
+        help="the S3 server: the JuiceFS gateway (fastest here; verifies no checksum "
+        "header, so the service sends Content-MD5) or SeaweedFS (verifies CRC64NVME)",
+    )  # fmt: skip
     p.add_argument(
         "--peers", type=_peer_list, default=list(PEERS), metavar="LIST",
         help=f"comma-separated peers to compare with (default {','.join(PEERS)}; '' for none)",
@@ -427,7 +438,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         load_before = os.getloadavg()[0]
         rds = stack.enter_context(RedisServer(tmp / "redis"))
-        gateway = stack.enter_context(JuiceFSGateway(tmp / "juicefs"))
+        gateway: JuiceFSGateway | SeaweedS3 = (
+            JuiceFSGateway(tmp / "juicefs") if args.s3 == "juicefs" else SeaweedS3(tmp / "weed")
+        )
+        stack.enter_context(gateway)
         endpoint = gateway.endpoint
         gateway_pid = gateway.pid
         assert gateway_pid is not None
@@ -485,7 +499,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "ok": ok,
             "load_average_1m_before": round(load_before, 2),
-            "server": f"juicefs gateway ({tool_version([_juicefs(), 'version'])})",
+            "server": (
+                f"juicefs gateway ({tool_version([_juicefs(), 'version'])})"
+                if args.s3 == "juicefs"
+                else "seaweedfs"
+            ),
             "settings": {
                 "size_mib": args.size_mib,
                 "content": args.content,

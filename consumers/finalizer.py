@@ -288,13 +288,16 @@ class Finalizer:
                             sent[span.number] = Sent(known.etag, known.checksum)
                             continue
                         md5 = needs_md5(known, s.continues is not None)
+                        if hashing is not None and hashed is not None:
+                            # Before taking another buffer: holding this one
+                            # while waiting for room (MAX_PARTS_IN_FLIGHT)
+                            # could leave every finalizer waiting for another.
+                            await hashing
+                            self._uploads.release(hashed)
+                            hashed = None
                         chunk = await self._uploads.read(s, span, algorithm, md5=md5)
                         try:
                             if whole is not None:
-                                if hashing is not None and hashed is not None:
-                                    await hashing
-                                    self._uploads.release(hashed)
-                                    hashed = None
                                 chunk.users += 1
                                 hashed = chunk
                                 hashing = asyncio.ensure_future(
@@ -317,9 +320,14 @@ class Finalizer:
                     if hashing is not None:
                         await hashing
         finally:
-            # A hash thread that may still read its buffer keeps it: not lent again.
-            if hashed is not None and (hashing is None or hashing.done()):
-                self._uploads.release(hashed)
+            # A hash thread that may still read its buffer keeps it until it
+            # is done; then it is lent again (its room under the cap with it).
+            if hashed is not None:
+                if hashing is None or hashing.done():
+                    self._uploads.release(hashed)
+                else:
+                    left = hashed
+                    hashing.add_done_callback(lambda _: self._uploads.release(left))
         return sent, "" if whole is None else whole.hexdigest()
 
     async def _send(

@@ -219,13 +219,21 @@ class Uploads:
         the chunk computes the MD5 then, if it needs it."""
         buffer = await self.buffers.take(span.size)
         want_md5 = algorithm == "md5" if md5 is None else md5
+        work = asyncio.ensure_future(
+            asyncio.to_thread(_read_and_digest, s.path, s.inode, span, buffer, algorithm, want_md5)
+        )
         try:
-            return await asyncio.to_thread(
-                _read_and_digest, s.path, s.inode, span, buffer, algorithm, want_md5
-            )
+            return await asyncio.shield(work)
         except BaseException:
-            self.buffers.give(buffer)
+            # Cancelling the await does not stop the thread: the buffer is
+            # lent again only once nothing can still write into it.
+            work.add_done_callback(lambda done: self._give_after(done, buffer))
             raise
+
+    def _give_after(self, done: asyncio.Future[Chunk], buffer: bytearray) -> None:
+        if not done.cancelled():
+            done.exception()  # retrieved: the caller already has its own error
+        self.buffers.give(buffer)
 
     def release(self, chunk: Chunk) -> None:
         """One user is done with ``chunk``; after the last nothing may use

@@ -13,7 +13,10 @@ file that moved, an empty file, and the failer.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +26,7 @@ import msgspec
 import prometheus_client
 import pytest
 
+import consumers.uploads as uploads_module
 from cefmp4.adapters.checksums import checksum_of, md5_of, multipart_etag
 from cefmp4.adapters.eventlog import EventLog
 from cefmp4.adapters.leases import Fence, LeaseLost, StreamLeases
@@ -417,3 +421,50 @@ async def test_md5_mode_rechecks_by_a_local_crc_and_resends_with_content_md5(
         [(1, md5_of(bytes(data[:C]))[1]), (4, md5_of(bytes(data[3 * C :]))[1])],
         [(4, md5_of(bytes(data[3 * C :]))[1]), (1, md5_of(bytes(data[:C]))[1])],
     )
+
+
+async def test_sidecar_sha256_finalizes_with_a_single_part_in_flight(tmp_path: Path) -> None:
+    # The hash of part n holds its buffer; with MAX_PARTS_IN_FLIGHT=1 reading
+    # part n+1 before letting it go would wait forever.
+    world = make_world(
+        tmp_path, MemoryStore("bucket", min_part_size=C), MemoryLeases(MemoryEventLog()),
+        sidecar_sha256=True, max_parts_in_flight=1,
+    )  # fmt: skip
+    data = os.urandom(3 * C + 7)
+    await record(world, data)
+    await asyncio.wait_for(world.finalizer.handle(await world.idle()), 10)
+    assert completed(world).sha256 == hashlib.sha256(data).hexdigest()
+    assert await world.store.get_object(KEY) == data
+    assert world.uploads.buffers.lent == 0
+
+
+async def test_a_cancelled_read_keeps_its_buffer_until_the_thread_is_done(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cancelling the await does not stop the thread that fills the buffer: if
+    # the buffer were lent again at once, the thread could write into the next
+    # part read into it.
+    await record(world, os.urandom(C))
+    go, started = threading.Event(), threading.Event()
+    real = uploads_module._read_and_digest
+
+    def slow(*args: Any) -> Any:
+        started.set()
+        go.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(uploads_module, "_read_and_digest", slow)
+    reading = asyncio.ensure_future(
+        world.uploads.read(await world.state(), Span(1, 0, C), "crc64nvme")
+    )
+    await asyncio.to_thread(started.wait, 10)
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert world.uploads.buffers.lent == 1  # still the thread's
+    go.set()
+    for _ in range(200):
+        if world.uploads.buffers.lent == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert world.uploads.buffers.lent == 0

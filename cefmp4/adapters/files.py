@@ -230,3 +230,7 @@ class Buffers:
     @property
     def idle(self) -> int:
         return len(self._free)
+
+    @property
+    def lent(self) -> int:
+        return self._lent

@@ -185,17 +185,16 @@ class PartBody(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def read(self, size: int = -1) -> Any:
-        """A view of the next ``size`` bytes, not a copy: aiohttp writes it to
-        the socket as it is (io.RawIOBase.read would copy each chunk twice).
-        The view is only valid while the part is in flight, which is as long
-        as aiohttp holds it: the buffer is lent again only after the request."""
-        end = (
-            len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
-        )
-        view = self._view[self._pos : max(end, self._pos)]
-        self._pos += len(view)
-        return view
+    def read(self, size: int = -1) -> bytes:
+        """The next ``size`` bytes, copied once (io.RawIOBase.read copies each
+        chunk twice). A copy, not a view: a transport may still flush what it
+        was given after the request is abandoned (a timeout), and by then the
+        part's buffer may hold another part's bytes."""
+        total = len(self._view)
+        end = total if size is None or size < 0 else min(total, self._pos + size)
+        data = bytes(self._view[self._pos : max(end, self._pos)])
+        self._pos += len(data)
+        return data
 
     def readinto(self, buffer: Any) -> int:
         n = max(0, min(len(buffer), len(self._view) - self._pos))

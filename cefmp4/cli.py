@@ -178,7 +178,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "verify" and not (args.paths or args.stream or args.since):
         parser.error("verify: give PATH..., --stream ID or --since AGE")
     try:
-        config = environment.load(os.environ)
+        config = environment.named_replica(environment.load(os.environ))
     except ConfigError as exc:
         if args.command == "doctor":
             return doctor.main(None, str(exc), sys.stdout)

@@ -37,7 +37,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from cefmp4.adapters import checksums
+from cefmp4.adapters import checksums, mp4files
 from cefmp4.domain import mp4meta
 from cefmp4.domain.events import Continues, Event, MetadataWritten, StreamCompleted
 from cefmp4.domain.pathnames import to_fs
@@ -382,7 +382,7 @@ async def boxes_probe(path: str) -> Probe | mp4meta.Undescribed:
     A file that cannot be read is left to ffprobe, which reports the error."""
     try:
         # A thread: a long recording's moov is megabytes of sample tables.
-        described = await asyncio.to_thread(mp4meta.describe_file, to_fs(path))
+        described = await asyncio.to_thread(mp4files.describe_file, to_fs(path))
     except OSError as exc:
         return mp4meta.Undescribed(f"cannot read: {exc}")
     if isinstance(described, mp4meta.Undescribed):

@@ -16,13 +16,13 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cefmp4.adapters.mp4files import file_ends_with_mfra
 from cefmp4.domain.mp4 import (
     Mp4Status,
     Mp4Verdict,
     check_structure,
     complete_when_closed,
     ends_with_mfra,
-    file_ends_with_mfra,
     iter_top_level_boxes,
 )
 from cefmp4.domain.watchrules import Action, CheckMp4, Grew, Stopped, Timing, decide

@@ -8,6 +8,7 @@ values are refused up front, with the variable's name first in the message.
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from ipaddress import IPv4Address, IPv6Address
@@ -19,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cefmp4 import cli
+from cefmp4.adapters import environment
 from cefmp4.adapters.environment import load
 from cefmp4.domain.config import Config, is_host
 from cefmp4.domain.errors import ConfigError
@@ -258,3 +260,10 @@ def test_metrics_addr_refuses_what_is_no_bind_address(value: str) -> None:
 @given(st.ip_addresses())
 def test_every_ip_address_is_a_host(address: IPv4Address | IPv6Address) -> None:
     assert is_host(str(address))
+
+
+def test_a_replica_is_named_after_this_process_unless_given() -> None:
+    named = environment.named_replica(Config())
+    assert named.replica == f"{platform.node()}-{os.getpid()}"
+    given = Config(replica_id="nvr-1")
+    assert environment.named_replica(given) is given

@@ -7,6 +7,7 @@ replicas minting ids at the same millisecond must still not collide.
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -49,7 +50,7 @@ def test_non_utc_time_is_converted_to_utc() -> None:
 @settings(max_examples=examples(300), deadline=None)
 @given(a=aware_times, b=aware_times)
 def test_ids_sort_by_time(a: datetime, b: datetime) -> None:
-    ia, ib = stream_id(a), stream_id(b)
+    ia, ib = stream_id(a, os.urandom(6)), stream_id(b, os.urandom(6))
     assert ID_RE.match(ia) and ID_RE.match(ib)
     # Ids made in different milliseconds sort like their times, whatever the
     # random suffix and whatever timezone the caller's clock was in.
@@ -63,7 +64,7 @@ def test_ids_sort_by_time(a: datetime, b: datetime) -> None:
 
 def test_ids_made_in_one_millisecond_are_unique() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    ids = {stream_id(now) for _ in range(20_000)}
+    ids = {stream_id(now, os.urandom(6)) for _ in range(20_000)}
     assert len(ids) == 20_000
 
 
@@ -71,6 +72,6 @@ def test_sorted_ids_follow_a_sequence_of_times() -> None:
     # Crosses a second, a day and a year boundary: every field of the
     # timestamp carries into the next one and must still sort as text.
     start = datetime(2025, 12, 31, 23, 59, 59, 990000, tzinfo=UTC)
-    ids = [stream_id(start + timedelta(milliseconds=i * 7)) for i in range(100)]
+    ids = [stream_id(start + timedelta(milliseconds=i * 7), os.urandom(6)) for i in range(100)]
     assert sorted(ids) == ids
     assert len(set(ids)) == len(ids)

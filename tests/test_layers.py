@@ -106,6 +106,8 @@ def test_domain_imports_no_io_library() -> None:
         "watchfiles",
         "prometheus_client",
         "structlog",
+        "platform",
+        "dotenv",
         "asyncio",
         "socket",
         "subprocess",

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cefmp4.adapters.mp4files import check_file
 from cefmp4.domain.mp4 import (
     Box,
     Mp4Status,
     Mp4Verdict,
-    check_file,
     check_structure,
     iter_child_boxes,
     iter_top_level_boxes,

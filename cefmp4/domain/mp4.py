@@ -56,8 +56,9 @@ Design constraints
     * It never raises on any input, never loops forever (every step advances
       by at least one header), and does not recurse (the path to ``stco`` has
       a fixed depth).
-    * ``check_file`` is the only I/O. It reads with ``os.pread`` behind the
-      same slicing interface instead of ``mmap``: a recorder that restarts
+    * There is no I/O here: ``cefmp4.adapters.mp4files`` reads a file with
+      ``os.pread`` behind the same slicing interface (``Source``) instead of
+      ``mmap``: a recorder that restarts
       with ``O_TRUNC`` while a mapping is live turns the next page access into
       SIGBUS, which kills the whole service, whereas a short ``pread`` simply
       reads as "the file shrank" and yields INCOMPLETE.
@@ -66,10 +67,7 @@ Design constraints
 from __future__ import annotations
 
 import enum
-import errno
 import mmap
-import os
-import stat
 import struct
 from collections.abc import Iterator
 from typing import Protocol
@@ -80,11 +78,10 @@ __all__ = [
     "Box",
     "Mp4Status",
     "Mp4Verdict",
-    "check_file",
+    "Source",
     "check_structure",
     "complete_when_closed",
     "ends_with_mfra",
-    "file_ends_with_mfra",
     "iter_child_boxes",
     "iter_top_level_boxes",
 ]
@@ -123,8 +120,10 @@ class Box(msgspec.Struct, frozen=True):
         return self.offset + self.size
 
 
-class _Source(Protocol):
-    """What the checker needs from a buffer: a length and slices."""
+class Source(Protocol):
+    """What the checker needs from a buffer: a length and slices. A slice
+    may come back short (a file that shrank under a reader): the checks then
+    answer as for a file that is not finished, never raise."""
 
     def __len__(self) -> int: ...
 
@@ -164,7 +163,7 @@ _MAX_BRAND_BOX = 64 * 1024
 _STBL_PATH = ("trak", "mdia", "minf", "stbl")
 
 
-def _read(src: _Source, start: int, stop: int) -> bytes:
+def _read(src: Source, start: int, stop: int) -> bytes:
     """Copy ``src[start:stop]`` (always small), insisting on every byte."""
     piece = bytes(src[start:stop])
     if len(piece) != stop - start:
@@ -180,7 +179,7 @@ def _header_size(box_type: bytes, largesize: bool) -> int:
     return (16 if largesize else 8) + (16 if box_type == b"uuid" else 0)
 
 
-def _parse_box(src: _Source, offset: int, end: int, *, top_level: bool) -> Box | _Fault:
+def _parse_box(src: Source, offset: int, end: int, *, top_level: bool) -> Box | _Fault:
     """Parse the box header at ``offset`` and check the box fits before ``end``."""
     if end - offset < 8:
         return _Fault(f"truncated box header at offset {offset}")
@@ -211,9 +210,7 @@ def _parse_box(src: _Source, offset: int, end: int, *, top_level: bool) -> Box |
     return Box(type=name, offset=offset, size=size, header_size=hsize)
 
 
-def _tile(
-    src: _Source, start: int, end: int, *, top_level: bool
-) -> tuple[list[Box], _Fault | None]:
+def _tile(src: Source, start: int, end: int, *, top_level: bool) -> tuple[list[Box], _Fault | None]:
     """Boxes laid end to end over ``[start, end)``, plus the first reason they don't fit.
 
     Terminates: each accepted box advances ``offset`` by ``size >= 8``.
@@ -238,7 +235,7 @@ def _plausible_first_size(box_type: bytes, size: int, largesize: int | None) -> 
     return size == 0 or size >= _header_size(box_type, False)
 
 
-def _first_box_invalid(src: _Source, n: int) -> Mp4Verdict | None:
+def _first_box_invalid(src: Source, n: int) -> Mp4Verdict | None:
     """INVALID if the file cannot be the start of an MP4, else None.
 
     A header prefix shorter than 8 (or 16 for largesize) bytes is judged by
@@ -264,7 +261,7 @@ def _first_box_invalid(src: _Source, n: int) -> Mp4Verdict | None:
     )
 
 
-def _fragment_reason(src: _Source, boxes: list[Box]) -> str | None:
+def _fragment_reason(src: Source, boxes: list[Box]) -> str | None:
     """Why these top-level boxes belong to a fragmented file, or None."""
     for box in boxes:
         if box.type in ("moof", "mfra"):
@@ -276,7 +273,7 @@ def _fragment_reason(src: _Source, boxes: list[Box]) -> str | None:
     return None
 
 
-def _chunk_offset_tables(src: _Source, moov: Box) -> tuple[list[Box], _Fault | None]:
+def _chunk_offset_tables(src: Source, moov: Box) -> tuple[list[Box], _Fault | None]:
     """All stco/co64 boxes on moov/trak/mdia/minf/stbl, requiring each level to tile."""
     level, fault = _tile(src, moov.payload_offset, moov.end, top_level=False)
     if fault is not None:
@@ -292,7 +289,7 @@ def _chunk_offset_tables(src: _Source, moov: Box) -> tuple[list[Box], _Fault | N
     return [b for b in level if b.type in ("stco", "co64")], None
 
 
-def _offsets_outside(src: _Source, table: Box, mdats: list[tuple[int, int]]) -> str | None:
+def _offsets_outside(src: Source, table: Box, mdats: list[tuple[int, int]]) -> str | None:
     """Why ``table``'s chunk offsets are not all inside an mdat payload, or None."""
     width = 8 if table.type == "co64" else 4
     body = table.payload_offset
@@ -319,7 +316,7 @@ def _offsets_outside(src: _Source, table: Box, mdats: list[tuple[int, int]]) -> 
     return None
 
 
-def _check(src: _Source) -> Mp4Verdict:
+def _check(src: Source) -> Mp4Verdict:
     n = len(src)
     if n == 0:
         return Mp4Verdict(Mp4Status.INCOMPLETE, "empty file")
@@ -351,8 +348,8 @@ def _check(src: _Source) -> Mp4Verdict:
 
 
 def _as_bytes_view(
-    buf: bytes | bytearray | memoryview | mmap.mmap,
-) -> bytes | bytearray | memoryview | mmap.mmap:
+    buf: bytes | bytearray | memoryview | mmap.mmap | Source,
+) -> bytes | bytearray | memoryview | mmap.mmap | Source:
     """Make ``len()`` and slices count bytes even for a typed memoryview."""
     if isinstance(buf, memoryview) and (buf.ndim != 1 or buf.itemsize != 1):
         # cast() needs a C-contiguous view; a strided one is rare enough to copy.
@@ -360,12 +357,13 @@ def _as_bytes_view(
     return buf
 
 
-def check_structure(buf: bytes | bytearray | memoryview | mmap.mmap) -> Mp4Verdict:
-    """Judge ``buf`` (a whole file's bytes, or a view of them). Pure; never raises."""
+def check_structure(buf: bytes | bytearray | memoryview | mmap.mmap | Source) -> Mp4Verdict:
+    """Judge ``buf`` (a whole file's bytes, a view of them, or a ``Source``
+    over the file: ``cefmp4.adapters.mp4files``). Pure; never raises."""
     try:
         return _check(_as_bytes_view(buf))
-    except _Shrunk:  # cannot happen for in-memory buffers; kept for symmetry
-        return Mp4Verdict(Mp4Status.INCOMPLETE, "buffer shorter than its length")
+    except _Shrunk:  # only a Source over a file can come back short
+        return Mp4Verdict(Mp4Status.INCOMPLETE, "file shrank while being checked")
 
 
 def iter_top_level_boxes(buf: bytes | bytearray | memoryview | mmap.mmap) -> Iterator[Box]:
@@ -391,55 +389,12 @@ def iter_child_boxes(buf: bytes | bytearray | memoryview | mmap.mmap, parent: Bo
     yield from boxes
 
 
-class _PreadSource:
-    """Slicing over an open file descriptor, one ``pread`` per slice.
-
-    The length is fixed at construction; if the file shrinks afterwards a
-    slice comes back short and ``_read`` turns that into ``_Shrunk``.
-    """
-
-    def __init__(self, fd: int, size: int) -> None:
-        self._fd = fd
-        self._size = size
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __getitem__(self, key: slice, /) -> bytes:
-        start, stop, _ = key.indices(self._size)
-        if stop <= start:
-            return b""
-        return os.pread(self._fd, stop - start, start)
-
-
-def check_file(path: str | bytes | os.PathLike[str]) -> Mp4Verdict:
-    """Judge the file at ``path`` as it is right now. OSError propagates.
-
-    ``O_NONBLOCK``: a path that turned into a FIFO must not block the open
-    (waiting for a writer); it is refused as not a regular file instead.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
-        size = st.st_size
-        if size == 0:
-            return Mp4Verdict(Mp4Status.INCOMPLETE, "empty file")
-        try:
-            return _check(_PreadSource(fd, size))
-        except _Shrunk:
-            return Mp4Verdict(Mp4Status.INCOMPLETE, "file shrank while being checked")
-    finally:
-        os.close(fd)
-
-
 # -- finished when closed -------------------------------------------------
 
 _MFRO_SIZE = 16  # full box: header, version + flags, the mfra size
 
 
-def _ends_with_mfra(src: _Source) -> bool:
+def _ends_with_mfra(src: Source) -> bool:
     boxes, fault = _tile(src, 0, len(src), top_level=True)
     if fault is not None or not boxes or boxes[-1].type != "mfra":
         return False
@@ -454,7 +409,7 @@ def _ends_with_mfra(src: _Source) -> bool:
     return bool(announced == mfra.size)
 
 
-def ends_with_mfra(buf: bytes | bytearray | memoryview | mmap.mmap) -> bool:
+def ends_with_mfra(buf: bytes | bytearray | memoryview | mmap.mmap | Source) -> bool:
     """The top-level boxes tile ``buf`` and the last is an ``mfra`` whose
     children tile it and end with an ``mfro`` naming the ``mfra``'s size.
     Pure; never raises."""
@@ -470,19 +425,3 @@ def complete_when_closed(verdict: Mp4Verdict, mfra: bool) -> bool:
     if verdict.status is Mp4Status.COMPLETE:
         return True
     return verdict.status is Mp4Status.FRAGMENTED and mfra
-
-
-def file_ends_with_mfra(path: str | bytes | os.PathLike[str]) -> bool:
-    """``ends_with_mfra`` of the file at ``path`` as it is now (header reads
-    only, like ``check_file``). OSError propagates."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
-        try:
-            return _ends_with_mfra(_PreadSource(fd, st.st_size))
-        except _Shrunk:
-            return False
-    finally:
-        os.close(fd)

@@ -18,20 +18,21 @@ H.264 parser compute it:
 Anything outside that set (another codec, HE-AAC, 10-bit or 4:2:2 video,
 several edits, fragments, a moov that does not parse) gives ``None`` with a
 reason, and the caller asks ffprobe. ``describe_moov`` is pure and never
-raises; ``describe_file`` is the only I/O (a few ``pread`` calls).
+raises; there is no I/O here (``cefmp4.adapters.mp4files.describe_file`` reads).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import struct
 from fractions import Fraction
 from typing import Any
 
 import msgspec
 
-__all__ = ["BoxDescription", "Undescribed", "describe_file", "describe_moov"]
+from cefmp4.domain.mp4 import Source
+
+__all__ = ["BoxDescription", "Undescribed", "describe_moov", "describe_source", "find_moov"]
 
 FORMAT_NAME = "mov,mp4,m4a,3gp,3g2,mj2"  # ffprobe's name for its mov demuxer
 FORMAT_LONG_NAME = "QuickTime / MOV"
@@ -395,12 +396,15 @@ def describe_moov(moov: bytes, file_size: int) -> BoxDescription | Undescribed:
     return BoxDescription(seconds, container, streams)
 
 
-def _read_moov(fd: int, size: int) -> bytes | str:
-    """The payload of the one top-level moov, or why not."""
+def find_moov(src: Source) -> bytes | str:
+    """The payload of the one top-level moov of ``src``, or why not. Pure
+    over the slicing interface (``mp4.Source``); a short slice is a file that
+    shrank under the reader."""
+    size = len(src)
     offset = 0
     found: bytes | None = None
     while offset + 8 <= size:
-        head = os.pread(fd, 16, offset)
+        head = bytes(src[offset : offset + 16])
         if len(head) < 8:
             return "file shrank"
         box_size, raw = struct.unpack_from(">I4s", head)
@@ -417,21 +421,16 @@ def _read_moov(fd: int, size: int) -> bytes | str:
                 return "several moov boxes"
             if box_size - header > MAX_MOOV_BYTES:
                 return f"moov of {box_size} bytes"
-            found = os.pread(fd, box_size - header, offset + header)
+            found = bytes(src[offset + header : offset + box_size])
             if len(found) != box_size - header:
                 return "file shrank"
         offset += box_size
     return found if found is not None else "no moov box"
 
 
-def describe_file(path: str | bytes | os.PathLike[str]) -> BoxDescription | Undescribed:
-    """``describe_moov`` of the file at ``path`` as it is now. OSError propagates."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        moov = _read_moov(fd, size)
-    finally:
-        os.close(fd)
+def describe_source(src: Source) -> BoxDescription | Undescribed:
+    """``describe_moov`` of the file ``src`` reads (``cefmp4.adapters.mp4files``)."""
+    moov = find_moov(src)
     if isinstance(moov, str):
         return Undescribed(moov)
-    return describe_moov(moov, size)
+    return describe_moov(moov, len(src))

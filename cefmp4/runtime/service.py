@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -148,7 +149,9 @@ class Service:
             )
             for handler in handlers
         ]
-        self.watcher = Watcher(self.deps, new_stream_id=lambda: stream_id(self.deps.now()))
+        self.watcher = Watcher(
+            self.deps, new_stream_id=lambda: stream_id(self.deps.now(), os.urandom(6))
+        )
         self._redis = redis
         # /healthz and /readyz (cefmp4.runtime.health): the HTTP thread judges what
         # these loop tasks observe. Probing an empty prefix of the bucket

@@ -71,7 +71,7 @@ import structlog
 import watchfiles
 from watchfiles._rust_notify import WatchfilesRustInternalError
 
-from cefmp4.adapters import closes, files
+from cefmp4.adapters import closes, files, mp4files
 from cefmp4.adapters.leases import Fence
 from cefmp4.domain import mp4
 from cefmp4.domain.errors import CefError
@@ -601,7 +601,7 @@ class Watcher:
         if cached is not None and cached[0] == sig:
             return cached[1]
         try:
-            verdict = await asyncio.to_thread(mp4.check_file, to_fs(path))
+            verdict = await asyncio.to_thread(mp4files.check_file, to_fs(path))
         except OSError as exc:
             verdict = mp4.Mp4Verdict(mp4.Mp4Status.INVALID, f"cannot read: {exc}")
         self._verdicts[path] = (sig, verdict)
@@ -612,7 +612,7 @@ class Watcher:
         if cached is not None and cached[0] == sig:
             return cached[1]
         try:
-            mfra = await asyncio.to_thread(mp4.file_ends_with_mfra, to_fs(path))
+            mfra = await asyncio.to_thread(mp4files.file_ends_with_mfra, to_fs(path))
         except OSError:
             mfra = False
         self._mfra[path] = (sig, mfra)

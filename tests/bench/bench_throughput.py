@@ -50,6 +50,7 @@ from typing import Any, BinaryIO
 import redis
 from botocore.exceptions import ClientError
 
+from cefmp4.adapters.mp4files import check_file
 from cefmp4.dev.localservers import (
     JuiceFSGateway,
     RedisServer,
@@ -65,7 +66,7 @@ from cefmp4.domain.events import (
     StreamFailed,
     StreamIdle,
 )
-from cefmp4.domain.mp4 import check_file, iter_top_level_boxes
+from cefmp4.domain.mp4 import iter_top_level_boxes
 from cefmp4.domain.partplan import final_parts, whole_parts
 from tests.bench.common import (
     PYTHON,

@@ -83,7 +83,7 @@ EXTERNAL_PROGRAM_TESTS = (
 )
 
 # Properties without an explicit count follow the same rule as tests.properties.
-settings.register_profile("quick", max_examples=examples(100))
+settings.register_profile("quick", max_examples=examples(100), database=None)
 if QUICK:
     settings.load_profile("quick")
 

@@ -356,21 +356,40 @@ class CountsHeads(MemoryStore):
 
 
 async def test_the_sidecar_takes_the_checksum_the_finalizer_saw(tmp_path: Path) -> None:
-    # One HEAD per recording (the finalizer's verification), not two: the
-    # completion carries the store's checksum to the metadata writer.
+    # A small file on a store the probe showed verifying CRCs: the accepted
+    # PutObject is the proof, so no HEAD at all; the completion carries the
+    # verified checksum to the metadata writer, which asks nothing either.
     store = CountsHeads("bucket", min_part_size=C)
     world = make_world(tmp_path, store, MemoryLeases(MemoryEventLog()))
     data = os.urandom(C // 2)
     await record(world, data)
     await world.finalizer.handle(await world.idle())
     done = completed(world)
-    assert done.checksum == checksum_of("crc64nvme", data) and store.heads == 1
+    assert done.checksum == checksum_of("crc64nvme", data) and store.heads == 0
     await MetadataWriter(world.deps).handle(done)
-    assert store.heads == 1
+    assert store.heads == 0
     body = await store.get_object(f"{KEY}.metadata.json")
     assert body is not None
     sidecar = msgspec.json.decode(body)
     assert sidecar["checksum"]["value"] == done.checksum.split(":", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("size", "mode", "heads"),
+    [
+        (3 * C + 5, "auto", 1),  # multipart: the completion's object is HEADed
+        (C // 2, "crc64nvme", 1),  # forced, not probed: this store may ignore it
+        (C // 2, "md5", 1),  # Content-MD5 only: HEAD checks size (and any CRC)
+    ],
+)
+async def test_other_completions_are_verified_with_a_head(
+    tmp_path: Path, size: int, mode: str, heads: int
+) -> None:
+    store = CountsHeads("bucket", min_part_size=C)
+    world = make_world(tmp_path, store, MemoryLeases(MemoryEventLog()), s3_checksum=mode)
+    await record(world, os.urandom(size))
+    await world.finalizer.handle(await world.idle())
+    assert completed(world).size == size and store.heads == heads
 
 
 class RecordsContentMd5(MemoryStore):

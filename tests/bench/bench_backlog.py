@@ -34,10 +34,8 @@ from typing import Any
 import redis
 
 from cefmp4.dev.localservers import (
-    JuiceFSGateway,
     RedisServer,
     S3Endpoint,
-    SeaweedS3,
     make_s3_client,
 )
 from cefmp4.domain.events import FileSeen, MetadataWritten, StreamFailed
@@ -49,6 +47,7 @@ from tests.bench.common import (
     cpu_seconds,
     main_thread_cpu_seconds,
     read_events,
+    s3_server,
     ts,
 )
 from tests.harness import ServiceProcess, service_config
@@ -149,12 +148,6 @@ def _profile_summary(path: Path, top: int) -> dict[str, Any]:
     }
 
 
-def _server(args: argparse.Namespace, tmp: Path) -> JuiceFSGateway | SeaweedS3:
-    if args.s3 == "juicefs":
-        return JuiceFSGateway(tmp / "juicefs")
-    return SeaweedS3(tmp / "seaweedfs")
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         tmp = Path(tempfile.mkdtemp(prefix="cefmp4-bench-backlog-")).resolve()
@@ -162,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         load_before = os.getloadavg()[0]
         rds = stack.enter_context(RedisServer(tmp / "redis"))
-        server = _server(args, tmp)
+        server = s3_server(args.s3, tmp)
         stack.enter_context(server)
         endpoint: S3Endpoint = server.endpoint
         make_s3_client(endpoint).create_bucket(Bucket=BUCKET)

@@ -47,7 +47,7 @@ from typing import Any
 
 import redis
 
-from cefmp4.dev.localservers import JuiceFSGateway, RedisServer, SeaweedS3, make_s3_client
+from cefmp4.dev.localservers import RedisServer, make_s3_client
 from cefmp4.domain.events import FileSeen, MetadataWritten, StreamFailed
 from tests.bench.bench_throughput import write_recording
 from tests.bench.common import (
@@ -60,6 +60,7 @@ from tests.bench.common import (
     percentile,
     read_events,
     running,
+    s3_server,
     sha256_matches,
     ts,
     wait_for,
@@ -174,9 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         load_before = os.getloadavg()[0]
         rds = stack.enter_context(RedisServer(tmp / "redis"))
-        server: JuiceFSGateway | SeaweedS3 = (
-            JuiceFSGateway(tmp / "juicefs") if args.s3 == "juicefs" else SeaweedS3(tmp / "weed")
-        )
+        server = s3_server(args.s3, tmp)
         stack.enter_context(server)
         server_pid = server.pid
         s3 = make_s3_client(server.endpoint)

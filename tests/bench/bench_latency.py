@@ -47,10 +47,8 @@ import redis
 from botocore.exceptions import ClientError
 
 from cefmp4.dev.localservers import (
-    JuiceFSGateway,
     RedisServer,
     S3Endpoint,
-    SeaweedS3,
     make_s3_client,
 )
 from cefmp4.domain.events import (
@@ -72,6 +70,7 @@ from tests.bench.common import (
     percentile,
     read_events,
     running,
+    s3_server,
     sha256_matches,
     ts,
     wait_for,
@@ -244,12 +243,6 @@ def _one_run(args: argparse.Namespace, index: int, ctx: _Context) -> dict[str, A
     }
 
 
-def _server(args: argparse.Namespace, tmp: Path) -> JuiceFSGateway | SeaweedS3:
-    if args.s3 == "juicefs":
-        return JuiceFSGateway(tmp / "juicefs")
-    return SeaweedS3(tmp / "seaweedfs")
-
-
 def _summary(kind: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     latencies = [r["close_to_sidecar_visible_s"] for r in runs]
 
@@ -284,7 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         load_before = os.getloadavg()[0]
         rds = stack.enter_context(RedisServer(tmp / "redis"))
-        server = _server(args, tmp)
+        server = s3_server(args.s3, tmp)
         stack.enter_context(server)
         endpoint: S3Endpoint = server.endpoint
         s3 = make_s3_client(endpoint)

@@ -52,10 +52,8 @@ from botocore.exceptions import ClientError
 
 from cefmp4.adapters.mp4files import check_file
 from cefmp4.dev.localservers import (
-    JuiceFSGateway,
     RedisServer,
     S3Endpoint,
-    SeaweedS3,
     make_s3_client,
 )
 from cefmp4.domain.events import (
@@ -84,6 +82,7 @@ from tests.bench.common import (
     of_stream,
     proc_status_kib,
     read_events,
+    s3_server,
     sha256_matches,
     start_service,
     summarize_profile,
@@ -439,9 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         load_before = os.getloadavg()[0]
         rds = stack.enter_context(RedisServer(tmp / "redis"))
-        gateway: JuiceFSGateway | SeaweedS3 = (
-            JuiceFSGateway(tmp / "juicefs") if args.s3 == "juicefs" else SeaweedS3(tmp / "weed")
-        )
+        gateway = s3_server(args.s3, tmp)
         stack.enter_context(gateway)
         endpoint = gateway.endpoint
         gateway_pid = gateway.pid

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import msgspec
 import redis
 
+from cefmp4.dev.localservers import JuiceFSGateway, SeaweedS3
 from cefmp4.domain.config import Config
 from cefmp4.domain.events import Event, decode
 from tests.harness import ServiceProcess
@@ -426,3 +427,11 @@ def bench_main(
         print("RESULT " + json.dumps(line, separators=(",", ":")))
     print(f"JSON: {write_json(f'{name}.json', payload)}")
     return 0 if result["ok"] else 1
+
+
+def s3_server(kind: str, tmp: Path) -> JuiceFSGateway | SeaweedS3:
+    """The benches' S3 server (``--s3``), not started: the JuiceFS gateway
+    (fastest here; verifies no checksum header) or SeaweedFS (verifies CRCs)."""
+    if kind == "juicefs":
+        return JuiceFSGateway(tmp / "juicefs")
+    return SeaweedS3(tmp / "seaweedfs")

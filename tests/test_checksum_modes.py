@@ -107,10 +107,12 @@ async def test_buffers_lend_at_most_limit_at_once_first_come_first_served() -> N
     pool = files.Buffers(keep=4, limit=2)
     first, second = await pool.take(10), await pool.take(10)
     waiting = [asyncio.ensure_future(pool.take(10)) for _ in range(2)]
-    await asyncio.sleep(0.01)
+    await asyncio.wait(waiting, timeout=0)  # both ran up to their wait
+    for _ in range(3):
+        await asyncio.sleep(0)
     assert not any(w.done() for w in waiting)  # two lent: the third waits
     pool.give(first)
-    await asyncio.sleep(0.01)
+    await asyncio.wait([waiting[0]], timeout=5)
     assert [w.done() for w in waiting] == [True, False]  # in the order asked
     pool.give(second)
     assert await waiting[1] is not None

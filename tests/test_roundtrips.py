@@ -170,7 +170,9 @@ async def test_a_message_handled_while_the_loop_blocks_is_acknowledged_at_once(
     # wait for the block to end.
     task = asyncio.create_task(group.run(stop, block_ms=60_000))
     try:
-        await asyncio.sleep(0.1)  # the loop is in its blocking read
+        async with asyncio.timeout(20):  # until the loop is in its blocking read
+            while not group._blocking:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
         await events.append(seen(1))
         async with asyncio.timeout(20):
             while handler.handled != ["s1"] or await pending_ids(redis, key):  # noqa: ASYNC110

@@ -96,12 +96,21 @@ class Chunk:
     buffer: bytearray
     data: memoryview  # the span's bytes, the start of ``buffer``
     algorithm: Algorithm  # the upload's: what a send of these bytes must carry
-    checksum: str  # tagged CRC sent with the part; "" unless the algorithm is one
-    crc: str  # tagged CRC computed in every mode: ``checksum``, or a local CRC64NVME
+    crc: str  # tagged CRC, in every mode: the algorithm's, else a local CRC64NVME
     md5_hex: str  # "" unless asked for (``Uploads.send_chunk`` fills it when needed)
     md5_b64: str
     quiet: FileStat | None  # the stat after the read, if the file was quiet before
     users: int = 1  # ``Uploads.release`` hands the buffer back when the last one is done
+
+    @property
+    def checksum(self) -> str:
+        """The tagged CRC sent with the part; "" unless the algorithm is one."""
+        return self.crc if checksums.as_crc(self.algorithm) else ""
+
+    @property
+    def local_crc(self) -> str:
+        """The CRC only this side knows (``PartUploaded.crc``): "" when it was sent."""
+        return "" if self.checksum else self.crc
 
 
 def _read_and_digest(
@@ -116,10 +125,7 @@ def _read_and_digest(
     crc = checksums.checksum_of(sent_crc or "crc64nvme", data)
     md5_hex, md5_b64 = md5_of(data) if md5 else ("", "")
     still = after.inode == inode and after.mtime_ns < started_ns - QUIET_NS
-    checksum = crc if sent_crc else ""
-    return Chunk(
-        span, buffer, data, algorithm, checksum, crc, md5_hex, md5_b64, after if still else None
-    )
+    return Chunk(span, buffer, data, algorithm, crc, md5_hex, md5_b64, after if still else None)
 
 
 @contextmanager
@@ -342,7 +348,7 @@ class Uploads:
                 md5_hex = chunk.md5_hex or self._md5_from(rp.etag)
                 event = await self._record_part(
                     s, upload_id, span, rp.etag, md5_hex, fence, checksum=chunk.checksum,
-                    quiet=chunk.quiet, crc="" if chunk.checksum else chunk.crc,
+                    quiet=chunk.quiet, crc=chunk.local_crc,
                 )  # fmt: skip
             finally:
                 self.release(chunk)
@@ -429,7 +435,7 @@ class Uploads:
             md5_hex, _ = await asyncio.to_thread(md5_of, chunk.data)
         await self._record_part(
             s, upload_id, span, etag, md5_hex, fence, checksum=chunk.checksum, quiet=chunk.quiet,
-            crc="" if chunk.checksum else chunk.crc,
+            crc=chunk.local_crc,
         )  # fmt: skip
         self._deps.metrics.uploaded(why, span.size, self._deps.now())
         return Sent(etag, chunk.checksum)

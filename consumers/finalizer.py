@@ -204,7 +204,7 @@ class Finalizer:
             self._unchanged(s, idle)
             md5_b64 = "" if chunk.checksum else chunk.md5_b64
             etag = await self._deps.store.put_object(
-                s.key, chunk.data, md5_b64, CONTENT_TYPE, checksum=chunk.checksum
+                s.key, chunk.data, md5_b64, CONTENT_TYPE, checksum=chunk.checksum, sign=chunk.sign
             )
         finally:
             self._uploads.release(chunk)

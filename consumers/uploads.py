@@ -64,7 +64,8 @@ async def resolve_checksum(
     """The algorithm ``S3_CHECKSUM`` means against ``store``, and for ``auto``
     why each CRC it tried was refused: a forced mode is taken as is (a store
     that refuses it fails the uploads, loudly), ``auto`` takes the first CRC
-    the store verifies end to end, else MD5."""
+    the store verifies end to end, else the signed SHA-256 if the store
+    verifies that, else MD5."""
     if mode != "auto":
         return mode, []
     refused: list[str] = []
@@ -73,6 +74,10 @@ async def resolve_checksum(
         if why is None:
             return crc, refused
         refused.append(f"{crc}: {why}")
+    why = await store.probe_signed_payload(f"{scratch_prefix}.cefmp4-probe-{uuid.uuid4().hex}")
+    if why is None:
+        return "sha256", refused
+    refused.append(f"sha256: {why}")
     return "md5", refused
 
 
@@ -106,6 +111,11 @@ class Chunk:
     def checksum(self) -> str:
         """The tagged CRC sent with the part; "" unless the algorithm is one."""
         return self.crc if checksums.as_crc(self.algorithm) else ""
+
+    @property
+    def sign(self) -> bool:
+        """Whether a send of these bytes signs their SHA-256 (sha256 mode)."""
+        return self.algorithm == "sha256"
 
     @property
     def local_crc(self) -> str:
@@ -426,7 +436,7 @@ class Uploads:
                 return Sent(copied, chunk.checksum)
         etag = await self._deps.store.upload_part(
             s.key, upload_id, span.number, chunk.data, chunk.md5_b64 if not chunk.checksum else "",
-            checksum=chunk.checksum,
+            checksum=chunk.checksum, sign=chunk.sign,
         )  # fmt: skip
         md5_hex = chunk.md5_hex or self._md5_from(etag)
         if not md5_hex:

@@ -36,7 +36,13 @@ from typing import Any, Literal, Protocol
 import pytest
 from hypothesis import settings
 
-from cefmp4.dev.localservers import RedisServer, S3Endpoint, SeaweedS3, make_s3_client
+from cefmp4.dev.localservers import (
+    JuiceFSGateway,
+    RedisServer,
+    S3Endpoint,
+    SeaweedS3,
+    make_s3_client,
+)
 from cefmp4.domain.config import Config
 from tests import mp4gen
 from tests.harness import service_config
@@ -284,3 +290,11 @@ def make_config(
         return service_config(watch, redis_url, key_prefix, bucket, s3_endpoint, **overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def juicefs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """The JuiceFS S3 gateway (the benchmarks' store): more lenient than S3 on
+    part rules, verifies no checksum header, but checks signed payloads."""
+    with JuiceFSGateway(tmp_path_factory.mktemp("juicefs")) as gateway:
+        yield gateway.endpoint

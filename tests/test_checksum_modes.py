@@ -12,6 +12,9 @@
   InvalidRequest): ``auto`` falls back to MD5 and still verifies.
 * A part body damaged on the way (the fault proxy flips a byte): the store
   rejects it, the part is sent again, the object is right.
+* On the JuiceFS gateway (no flexible checksums, but it checks signed
+  payloads) ``auto`` comes to ``sha256``: the same guarantees, from the
+  signature's SHA-256.
 * A file that was complete and quiet when its parts were read is not read a
   second time by the finalizer.
 """
@@ -34,9 +37,11 @@ from hypothesis import strategies as st
 from cefmp4.adapters import checksums, files
 from cefmp4.adapters.clients import s3_client
 from cefmp4.adapters.s3store import S3Store
+from cefmp4.dev.localservers import S3Endpoint, make_s3_client
 from cefmp4.domain.config import Config
 from cefmp4.domain.events import PartUploaded, UploadStarted
 from cefmp4.ops.doctor import checksum_check, probe_s3
+from consumers.uploads import resolve_checksum
 from tests import mp4gen
 from tests.faultproxy import FaultProxy
 from tests.harness import MiB, log_only, running
@@ -170,6 +175,38 @@ async def test_upload_part_is_unsigned_and_carries_only_our_checksum(
     assert not any(k.startswith("x-amz-checksum-") for k in md5_part), md5_part
     [put] = [h for op, h in seen if op == "PutObject"]
     assert not any(k.startswith("x-amz-checksum-") or k == "content-md5" for k in put), put
+
+
+async def test_a_signed_body_carries_its_sha256_and_only_it_is_signed(
+    make_config: Callable[..., Config], bucket: str
+) -> None:
+    config = make_config()
+    seen: list[tuple[str, str]] = []
+
+    def capture(request: Any, event_name: str, **_: Any) -> None:
+        value = request.headers["x-amz-content-sha256"]
+        seen.append(
+            (event_name.rsplit(".", 1)[-1], value.decode() if isinstance(value, bytes) else value)
+        )
+
+    body = os.urandom(5 * MiB + 7)
+    async with s3_client(config) as client:
+        client.meta.events.register("before-send.s3", capture)
+        store = S3Store(client, bucket, timeout=20)
+        upload = await store.create_multipart("k", "video/mp4")
+        await store.upload_part("k", upload, 1, memoryview(body), "", sign=True)
+        await store.upload_part("k", upload, 2, body, "")
+        await store.abort_multipart("k", upload)
+        await store.put_object("p", b"small", "", "text/plain", sign=True)
+        await store.put_object("q", b"small", "", "text/plain")
+    assert seen == [
+        ("CreateMultipartUpload", "UNSIGNED-PAYLOAD"),
+        ("UploadPart", hashlib.sha256(body).hexdigest()),
+        ("UploadPart", "UNSIGNED-PAYLOAD"),
+        ("AbortMultipartUpload", "UNSIGNED-PAYLOAD"),
+        ("PutObject", hashlib.sha256(b"small").hexdigest()),
+        ("PutObject", "UNSIGNED-PAYLOAD"),
+    ]
 
 
 # -- every mode end to end -----------------------------------------------------
@@ -381,6 +418,10 @@ def test_doctor_says_what_s3_checksum_comes_to() -> None:
     assert checksum_check("crc32c", "crc32c", []).level == "ok"
     assert checksum_check("none", "none", []).level == "warn"
     assert checksum_check("md5", "md5", []).level == "ok"
+    signed = checksum_check("auto", "sha256", ["crc64nvme: no", "crc32c: no"])
+    assert signed.level == "ok" and signed.detail.startswith("auto: sha256")
+    assert checksum_check("sha256", "sha256", ["accepted a wrong one"]).level == "fail"
+    assert checksum_check("sha256", "sha256", []).level == "ok"
 
 
 async def test_doctor_reports_the_checksum_the_service_would_use(
@@ -392,3 +433,55 @@ async def test_doctor_reports_the_checksum_the_service_would_use(
         "ok",
         "auto: crc64nvme, verified by the store end to end",
     )
+
+
+# -- a store that checks signatures but no flexible checksum -------------------
+
+
+async def test_auto_comes_to_sha256_where_only_signatures_are_checked(
+    juicefs: S3Endpoint, make_config: Callable[..., Config]
+) -> None:
+    config = make_config(
+        s3_endpoint_url=juicefs.url, s3_access_key_id=juicefs.access_key,
+        s3_secret_access_key=juicefs.secret_key, s3_bucket_name="resolve",
+    )  # fmt: skip
+    async with s3_client(config) as client:
+        store = S3Store(client, "resolve", timeout=20)
+        await store.ensure_bucket()
+        algorithm, refused = await resolve_checksum(store, "auto", "p/")
+        assert await store.list_keys("") == [] and await store.list_uploads("") == []
+    assert algorithm == "sha256"
+    assert [r.split(":")[0] for r in refused] == ["crc64nvme", "crc32c"]
+    assert "wrong" in refused[0]  # it took a wrong CRC: not verified
+
+
+@pytest.mark.parametrize("corrupt", [0, 2])
+async def test_auto_signs_payloads_on_a_store_that_checks_them(
+    corrupt: int,
+    juicefs: S3Endpoint,
+    make_config: Callable[..., Config],
+    watch: Path,
+    sources: mp4gen.Mp4Sources,
+) -> None:
+    """JuiceFS refuses a body whose signed SHA-256 is wrong, and ignores
+    x-amz-checksum-*: auto takes sha256, and a part damaged on the way is
+    refused (XAmzContentSHA256Mismatch) and sent again."""
+    bucket = f"signed-{corrupt}"
+    large, small = watch / "large.mp4", watch / "small.mp4"
+    data, little = sources.large.read_bytes(), sources.regular.read_bytes()
+    async with FaultProxy.to(juicefs.url, corrupt_bodies=corrupt) as proxy:
+        config = make_config(
+            s3_endpoint_url=proxy.url, s3_access_key_id=juicefs.access_key,
+            s3_secret_access_key=juicefs.secret_key, s3_bucket_name=bucket,
+        )  # fmt: skip
+        async with running(config) as h:
+            large.write_bytes(data)
+            small.write_bytes(little)
+            big, one = await h.terminal(large), await h.terminal(small)
+        assert proxy.injected.corrupted == corrupt
+    client = make_s3_client(juicefs)
+    for state, expected in ((big, data), (one, little)):
+        sidecar = assert_stored(client, bucket, state, expected)
+        assert sidecar["checksum"] is None  # a signature proves a request, not the object
+    assert big.completion is not None and big.completion.parts > 1
+    assert_clean(client, bucket, 2)

@@ -41,6 +41,7 @@ from datetime import UTC
 from typing import Any, TypeVar
 
 import aiohttp
+import aiohttp.payload
 import botocore.exceptions as bexc
 from botocore.config import Config as BotoConfig
 
@@ -139,7 +140,7 @@ def translate(exc: BaseException) -> Exception:
             return NoSuchUpload(message)
         if code == "NoSuchKey":
             return NoSuchKey(message)
-        if code == "BadDigest":
+        if code in ("BadDigest", "XAmzContentSHA256Mismatch"):
             return Damaged(message)
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return TransientError(message)
@@ -165,42 +166,46 @@ def translate(exc: BaseException) -> Exception:
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 
 
-class PartBody(io.RawIOBase):
-    """A read-only, seekable file over a part's bytes, without copying them.
+# Each write to the connection copies this much of a part: the copy, not a
+# view, is what the transport keeps (Python >= 3.12 queues what it is given
+# without copying), so a part's buffer can be lent again the moment its
+# request ends, even if the connection still flushes. Small enough that the
+# copies in flight stay a rounding error next to the parts themselves.
+WRITE_CHUNK = 256 * 1024
 
-    botocore wraps a ``bytes`` body in ``io.BytesIO`` and aiohttp then asks the
-    BytesIO for ``getbuffer()``, which un-shares it: a full second copy of
-    every part in flight (a quarter of the benchmark's peak RSS). Any other
-    file-like is streamed in 64 KiB reads instead.
+
+class PartBody(aiohttp.payload.Payload):
+    """A part's bytes as both botocore and aiohttp want them, without copies.
+
+    To botocore it is a seekable file (length, and the SHA-256 it signs when
+    payload signing is on); to aiohttp it is a ``Payload`` it writes as is, in
+    ``WRITE_CHUNK`` copies straight from the buffer. Any file-like body would
+    instead be read in a worker thread per 256 KiB (an executor round trip
+    each, a third of the upload's CPU), and a ``bytes`` body becomes a BytesIO
+    that aiohttp un-shares: a second copy of every part in flight.
+
+    ``sign``: the request carries the body's SHA-256, signed, which a store
+    that checks signatures verifies (``_sign_when_asked``). ``sent``: the
+    bytes written instead of ``data`` (the probe's damaged body only).
     """
 
-    def __init__(self, data: Bytes) -> None:
-        super().__init__()
-        self._view = memoryview(data)
+    def __init__(self, data: Bytes, *, sign: bool = False, sent: Bytes | None = None) -> None:
+        super().__init__(data, content_type="application/octet-stream")
+        self._view = memoryview(data).cast("B")
+        self._sent = self._view if sent is None else memoryview(sent).cast("B")
+        self._size = len(self._view)
         self._pos = 0
+        self.sign = sign
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        """The next ``size`` bytes, copied once (io.RawIOBase.read copies each
-        chunk twice). A copy, not a view: a transport may still flush what it
-        was given after the request is abandoned (a timeout), and by then the
-        part's buffer may hold another part's bytes."""
+    # botocore's side: a seekable file.
+    def read(self, size: int = -1) -> memoryview:
+        """The next ``size`` bytes as a view: botocore reads only to hash
+        (the SHA-256 it signs), never to send, so a copy would be waste."""
         total = len(self._view)
         end = total if size is None or size < 0 else min(total, self._pos + size)
-        data = bytes(self._view[self._pos : max(end, self._pos)])
+        data = self._view[self._pos : max(end, self._pos)]
         self._pos += len(data)
         return data
-
-    def readinto(self, buffer: Any) -> int:
-        n = max(0, min(len(buffer), len(self._view) - self._pos))
-        buffer[:n] = self._view[self._pos : self._pos + n]
-        self._pos += n
-        return n
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
@@ -212,6 +217,34 @@ class PartBody(io.RawIOBase):
 
     def __len__(self) -> int:
         return len(self._view)
+
+    # aiohttp's side: a payload written from the start every time it is asked
+    # (aiohttp may send it again on a fresh connection).
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a part body is binary")
+
+    async def write(self, writer: Any) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        view = self._sent if content_length is None else self._sent[:content_length]
+        for start in range(0, len(view), WRITE_CHUNK):
+            await writer.write(bytes(view[start : start + WRITE_CHUNK]))
+
+
+def _sign_when_asked(signed: BotoConfig) -> Callable[..., None]:
+    """A ``before-sign`` handler: a request whose body is a ``PartBody`` that
+    asks to be signed is signed with its SHA-256 (``signed``: the client's
+    config with payload signing on); every other request keeps the client's
+    UNSIGNED-PAYLOAD. botocore reads that switch from the request's context,
+    so one client does both."""
+
+    def handler(request: Any, **_: Any) -> None:
+        body = getattr(request, "data", None)
+        if isinstance(body, PartBody) and body.sign:
+            request.context["client_config"] = signed
+
+    return handler
 
 
 def _etag(value: str) -> str:
@@ -253,6 +286,13 @@ class S3Store:
         blocked: Blocked | None = None,
     ) -> None:
         self._s3 = client
+        config = client.meta.config
+        signed = config.merge(BotoConfig(s3={**(config.s3 or {}), "payload_signing_enabled": True}))
+        for operation in ("UploadPart", "PutObject"):  # the calls with a PartBody
+            client.meta.events.register(
+                f"before-sign.s3.{operation}", _sign_when_asked(signed),
+                unique_id=f"cefmp4-sign-{operation}",
+            )  # fmt: skip
         self.bucket = bucket
         self._timeout = timeout
         self._attempts = attempts
@@ -332,7 +372,7 @@ class S3Store:
 
     async def upload_part(
         self, key: str, upload_id: str, number: int, body: Bytes, md5_b64: str, *,
-        checksum: str = "",
+        checksum: str = "", sign: bool = False,
     ) -> str:  # fmt: skip
         reply = await self._call(
             lambda: self._s3.upload_part(
@@ -340,7 +380,7 @@ class S3Store:
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=PartBody(body),  # a fresh one per attempt: it is consumed
+                Body=PartBody(body, sign=sign),
                 **_integrity(md5_b64, checksum),
             ),
             body_size=len(body),
@@ -427,13 +467,14 @@ class S3Store:
         )
 
     async def put_object(
-        self, key: str, body: Bytes, md5_b64: str, content_type: str, *, checksum: str = ""
-    ) -> str:
+        self, key: str, body: Bytes, md5_b64: str, content_type: str, *, checksum: str = "",
+        sign: bool = False,
+    ) -> str:  # fmt: skip
         reply = await self._call(
             lambda: self._s3.put_object(
                 Bucket=self.bucket,
                 Key=key,
-                Body=PartBody(body),
+                Body=PartBody(body, sign=sign),
                 ContentType=content_type,
                 **_integrity(md5_b64, checksum),
             ),
@@ -453,7 +494,14 @@ class S3Store:
             return f"CreateMultipartUpload with {algorithm}: {exc}"
         completed = False
         try:
-            if not await self._refuses(scratch_key, upload_id, body, wrong):
+
+            def wrong_part() -> Awaitable[Any]:
+                return self._s3.upload_part(  # type: ignore[no-any-return]
+                    Bucket=self.bucket, Key=scratch_key, UploadId=upload_id, PartNumber=1,
+                    Body=PartBody(body), **_integrity("", wrong),
+                )  # fmt: skip
+
+            if not await self._refuses(wrong_part, len(body)):
                 return f"the store accepted a part whose {algorithm} is wrong"
             try:
                 etag = await self.upload_part(scratch_key, upload_id, 1, body, "", checksum=right)
@@ -470,6 +518,31 @@ class S3Store:
         finally:
             await self._clean_probe(scratch_key, upload_id, completed)
 
+    async def probe_signed_payload(self, scratch_key: str) -> str | None:
+        body = b"cefmp4 signed payload probe\n" * 64
+        damaged = body[:-1] + b"!"
+        try:
+
+            def damaged_put() -> Awaitable[Any]:
+                return self._s3.put_object(  # type: ignore[no-any-return]
+                    Bucket=self.bucket,
+                    Key=scratch_key,
+                    Body=PartBody(body, sign=True, sent=damaged),
+                )
+
+            if not await self._refuses(damaged_put, len(body)):
+                return "the store accepted a body whose signed SHA-256 is wrong"
+            try:
+                await self.put_object(scratch_key, body, "", "application/octet-stream", sign=True)
+            except PermanentError as exc:
+                return f"a signed PutObject: {exc}"
+            return None
+        finally:
+            with contextlib.suppress(CefError):
+                await self._call(
+                    lambda: self._s3.delete_object(Bucket=self.bucket, Key=scratch_key)
+                )
+
     async def _clean_probe(self, key: str, upload_id: str, completed: bool) -> None:
         """The probe's object or upload goes, and any other upload of its key
         (a create retried after its answer was lost made a second one)."""
@@ -484,18 +557,12 @@ class S3Store:
                     with contextlib.suppress(CefError):
                         await self.abort_multipart(key, other.upload_id)
 
-    async def _refuses(self, key: str, upload_id: str, body: bytes, wrong: str) -> bool:
-        """Whether the store answers a part with a wrong checksum with a 4xx
-        (BadDigest, as S3 does), once: the retries would take it for damage."""
+    async def _refuses(self, send: Callable[[], Awaitable[Any]], size: int) -> bool:
+        """Whether the store answers ``send``, a body whose checksum is wrong,
+        with a 4xx (BadDigest, as S3 does), once: the retries would take it
+        for damage."""
         try:
-            await self._attempts_of(
-                lambda: self._s3.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=1,
-                    Body=PartBody(body), **_integrity("", wrong),
-                ),
-                request_timeout(self._timeout, len(body)),
-                raw=True,
-            )  # fmt: skip
+            await self._attempts_of(send, request_timeout(self._timeout, size), raw=True)
         except bexc.ClientError as exc:
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
             if 400 <= status < 500 and status not in (403, 429):

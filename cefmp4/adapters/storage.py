@@ -86,7 +86,7 @@ class ObjectStore(Protocol):
 
     async def upload_part(
         self, key: str, upload_id: str, number: int, body: Bytes, md5_b64: str, *,
-        checksum: str = "",
+        checksum: str = "", sign: bool = False,
     ) -> str:  # fmt: skip
         """Store ``body`` as part ``number`` (1..10,000) of the upload; returns
         its ETag, which is the MD5 hex of ``body`` (without quotes) whichever
@@ -94,7 +94,10 @@ class ObjectStore(Protocol):
 
         ``md5_b64`` "" sends no Content-MD5; ``checksum`` (tagged CRC,
         ``checksums.tag``) is sent as ``x-amz-checksum-*`` and verified by
-        the store like Content-MD5 (BadDigest).
+        the store like Content-MD5 (BadDigest). ``sign``: the request carries
+        the body's SHA-256 in its signature (SigV4 ``x-amz-content-sha256``),
+        which a store that ``probe_signed_payload`` passed verifies
+        (XAmzContentSHA256Mismatch, like BadDigest).
 
         Idempotent: a part sent again under the same number replaces the
         earlier one (completion uses the newest; SeaweedFS's ``list_parts``
@@ -179,13 +182,14 @@ class ObjectStore(Protocol):
         ...
 
     async def put_object(
-        self, key: str, body: Bytes, md5_b64: str, content_type: str, *, checksum: str = ""
-    ) -> str:
+        self, key: str, body: Bytes, md5_b64: str, content_type: str, *, checksum: str = "",
+        sign: bool = False,
+    ) -> str:  # fmt: skip
         """Store ``body`` (may be empty) as the object ``key`` in one request,
         replacing any object there; returns its ETag, the MD5 hex of ``body``.
-        Idempotent. Content-MD5 (unless ``md5_b64`` is "") and ``checksum``
-        are checked as for ``upload_part`` (``PermanentError``, BadDigest /
-        InvalidDigest; nothing is stored)."""
+        Idempotent. Content-MD5 (unless ``md5_b64`` is ""), ``checksum`` and
+        ``sign`` are checked as for ``upload_part`` (``PermanentError``,
+        BadDigest / InvalidDigest; nothing is stored)."""
         ...
 
     async def probe_checksum(self, algorithm: Crc, scratch_key: str) -> str | None:
@@ -195,6 +199,14 @@ class ObjectStore(Protocol):
         and ``head_object`` reports it; else why not (``S3_CHECKSUM=auto``
         then tries the next, and falls back to MD5). Leaves nothing behind,
         even after a lost answer. Outages raise as for any call."""
+        ...
+
+    async def probe_signed_payload(self, scratch_key: str) -> str | None:
+        """None when the store verifies a signed payload's SHA-256: a
+        ``put_object(sign=True)`` at ``scratch_key`` whose bytes differ from
+        the signed ones is refused and the right one accepted (the JuiceFS
+        gateway does; SeaweedFS takes either); else why not. Leaves nothing
+        behind. Outages raise as for any call."""
         ...
 
     async def head_object(self, key: str) -> ObjectInfo | None:

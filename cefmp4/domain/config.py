@@ -78,7 +78,7 @@ class Config(
     # ``crc64nvme`` / ``crc32c`` (flexible checksums, the object's as FULL_OBJECT,
     # far cheaper than MD5), ``md5`` (Content-MD5), ``none``; ``auto`` probes the
     # store once at start (crc64nvme, then crc32c) and falls back to md5.
-    s3_checksum: Literal["auto", "crc64nvme", "crc32c", "md5", "none"] = "auto"
+    s3_checksum: Literal["auto", "crc64nvme", "crc32c", "sha256", "md5", "none"] = "auto"
     # Also hash every file with SHA-256 (into StreamCompleted and the sidecar):
     # one more full pass over the bytes; the server-verified full-object
     # checksum in the sidecar already proves the object.

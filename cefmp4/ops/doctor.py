@@ -260,14 +260,17 @@ def s3_access_check(code: str | None, message: str, bucket: str, where: str) -> 
 
 def checksum_check(mode: str, algorithm: str, refused: list[str]) -> Check:
     """What S3_CHECKSUM comes to against this store (``refused``: why each
-    CRC tried was not taken)."""
+    checksum tried was not taken)."""
     why = "; ".join(refused)
     if mode == "auto" and checksums.is_crc(algorithm):
         return Check("s3 checksum", "ok", f"auto: {algorithm}, verified by the store end to end")
+    if mode == "auto" and algorithm == "sha256":
+        return Check("s3 checksum", "ok",
+                     f"auto: sha256, each signed body verified by the store ({why})")  # fmt: skip
     if mode == "auto":
-        return Check("s3 checksum", "warn", f"auto: md5 (no CRC verified by the store: {why})",
+        return Check("s3 checksum", "warn", f"auto: md5 (no CRC or signed SHA-256 verified: {why})",
                      "none needed; a store with CRC64NVME/CRC32C costs less CPU")  # fmt: skip
-    if checksums.is_crc(mode) and refused:
+    if (checksums.is_crc(mode) or mode == "sha256") and refused:
         return Check("s3 checksum", "fail", f"{mode}: {why}",
                      "set S3_CHECKSUM=auto (or md5): uploads would be refused")  # fmt: skip
     if mode == "none":
@@ -285,6 +288,9 @@ async def probe_checksum(config: Config, client: Any, seconds: float) -> Check:
             crc = checksums.as_crc(mode)
             assert crc is not None
             why = await store.probe_checksum(crc, scratch + secrets.token_hex(8))
+            return checksum_check(mode, mode, [] if why is None else [why])
+        if mode == "sha256":  # forced: does the store check what is signed?
+            why = await store.probe_signed_payload(scratch + secrets.token_hex(8))
             return checksum_check(mode, mode, [] if why is None else [why])
         algorithm, refused = await resolve_checksum(store, mode, scratch)
     except CefError as exc:

@@ -185,6 +185,7 @@ class PySpy:
             raise BenchError("py-spy is not installed: .venv/bin/pip install py-spy")
         self.output = output
         self._log = output.with_suffix(".log")
+        output.parent.mkdir(parents=True, exist_ok=True)
         with self._log.open("wb") as log:
             self._proc = subprocess.Popen(
                 [exe, "record", "--pid", str(pid), "--native", "--rate", str(rate),
@@ -215,10 +216,11 @@ _IDLE: list[tuple[str, tuple[str, ...]]] = [
 # Busy samples: checked in order against the whole stack; the first match wins.
 _CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("waiting for the GIL", ("pthread_cond_timedwait",)),
-    ("botocore SigV4 signing (incl. payload SHA-256 over http)", ("botocore/auth.py",)),
+    ("SigV4 signing (incl. the signed payload's SHA-256)", ("botocore/auth.py", "crt/auth.py")),
     ("md5 of parts (uploader + finalizer re-check)", ("md5_of (", "MD5_", "md5_block")),
-    ("sha256 of the whole file (finalizer)", ("sha256_block", "SHA256_", "sha256 (")),
-    ("aiohttp copies each part (BytesIOPayload: BytesIO.getbuffer)", ("BytesIOPayload.__init__",)),
+    ("sha256 of the whole file (SIDECAR_SHA256)", ("_sha256 (",)),
+    ("sha256, other", ("sha256_block", "SHA256_", "sha256 (")),
+    ("part bodies written to the connection", ("PartBody.write_with_length",)),
     ("socket send/recv syscalls", ("sock_send", "sock_recv", "sock_sendall")),
     ("file reads (pread)", ("read_range (",)),
     ("aiohttp (other)", ("aiohttp/",)),

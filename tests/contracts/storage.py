@@ -62,6 +62,10 @@ class StorageContract:
     # Whether an upload id is refused (NoSuchUpload) with a key other than its
     # own. JuiceFS takes the part; the service always sends the stream's key.
     checks_upload_key = True
+    # Whether a body whose signed SHA-256 (x-amz-content-sha256) does not
+    # match is refused: True/False where the backend is known, None where the
+    # session's server may be either (SeaweedFS does not check; MinIO does).
+    verifies_signed_payload: bool | None = None
 
     @pytest.fixture
     def store(self) -> ObjectStore:
@@ -385,6 +389,27 @@ class StorageContract:
         assert why is None or why  # None: verified end to end; else a reason
         assert await store.list_uploads("probe/") == []
         assert await store.list_keys("probe/") == []
+
+    async def test_signed_payload_probe_says_what_the_store_does_and_leaves_nothing(
+        self, store: ObjectStore
+    ) -> None:
+        why = await store.probe_signed_payload("probe/signed")
+        if self.verifies_signed_payload is not None:
+            assert (why is None) == self.verifies_signed_payload, why
+        assert why is None or why
+        assert await store.list_keys("probe/") == []
+
+    async def test_signed_bodies_are_stored_exactly(self, store: ObjectStore) -> None:
+        key = "streams/signed/a.mp4"
+        first, last = os.urandom(5 * MiB), os.urandom(1000)
+        upload_id = await store.create_multipart(key, "video/mp4")
+        e1 = await store.upload_part(key, upload_id, 1, memoryview(first), "", sign=True)
+        e2 = await store.upload_part(key, upload_id, 2, bytearray(last), "", sign=True)
+        assert (e1, e2) == (md5_of(first)[0], md5_of(last)[0])
+        await store.complete_multipart(key, upload_id, [(1, e1), (2, e2)])
+        assert await store.get_object(key) == first + last
+        assert await store.put_object("signed/small", b"tiny", "", "text/plain", sign=True)
+        assert await store.get_object("signed/small") == b"tiny"
 
     @pytest.mark.parametrize("algorithm", ["crc64nvme", "crc32c"])
     async def test_a_full_object_crc_upload_where_the_probe_says_so(

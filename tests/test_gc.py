@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cefmp4 import cli
-from cefmp4.adapters.s3store import S3Store
+from cefmp4.adapters.memorystore import MemoryStore
 from cefmp4.adapters.storage import RemoteUpload
 from cefmp4.dev.localservers import S3Endpoint
 from cefmp4.domain.durations import duration
@@ -367,12 +367,12 @@ async def test_list_uploads_says_when_each_was_initiated(
     assert before - slack <= remote.initiated <= after + slack
 
 
-class AlreadyAborted(S3Store):
+class AlreadyAborted(MemoryStore):
     """A store on which someone else was first: AWS answers NoSuchUpload (SeaweedFS
     answers 204 for an aborted upload, so the real one cannot show this case)."""
 
     def __init__(self) -> None:
-        super().__init__(client=None, bucket="b", timeout=1.0)
+        super().__init__()
         self.calls: list[str] = []
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:

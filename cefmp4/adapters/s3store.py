@@ -122,7 +122,8 @@ def boto_config(*, pool: int, timeout: float) -> BotoConfig:
 
 
 class Damaged(TransientError):
-    """The body's checksum (CRC or Content-MD5) did not match what arrived:
+    """The body's checksum (CRC, Content-MD5 or the signed SHA-256) did not
+    match what arrived:
     damaged in transit, so it is sent again (from the same buffer). If every
     attempt is refused the bytes are not what we hashed: ``_call`` turns it
     into a ``PermanentError`` (``s3_rejected``)."""

@@ -76,8 +76,10 @@ class Config(
     s3_timeout_seconds: PositiveFloat = 60.0
     # The integrity check every part and the object carry (cefmp4.adapters.checksums):
     # ``crc64nvme`` / ``crc32c`` (flexible checksums, the object's as FULL_OBJECT,
-    # far cheaper than MD5), ``md5`` (Content-MD5), ``none``; ``auto`` probes the
-    # store once at start (crc64nvme, then crc32c) and falls back to md5.
+    # far cheaper than MD5), ``sha256`` (each body's SHA-256 in its SigV4
+    # signature, for stores that check signatures only), ``md5`` (Content-MD5),
+    # ``none``; ``auto`` probes the store once at start (crc64nvme, crc32c,
+    # sha256) and falls back to md5.
     s3_checksum: Literal["auto", "crc64nvme", "crc32c", "sha256", "md5", "none"] = "auto"
     # Also hash every file with SHA-256 (into StreamCompleted and the sidecar):
     # one more full pass over the bytes; the server-verified full-object

@@ -199,13 +199,14 @@ class Finalizer:
         chunk = await self._uploads.read(s, Span(1, 0, idle.size), algorithm)
         try:
             sha256 = ""
-            if self._deps.config.sidecar_sha256:
-                sha256 = await asyncio.to_thread(_sha256, chunk.data)
+            if self._deps.config.sidecar_sha256:  # sha256 mode read it already
+                sha256 = chunk.sha256_hex or await asyncio.to_thread(_sha256, chunk.data)
             self._unchanged(s, idle)
             md5_b64 = "" if chunk.checksum else chunk.md5_b64
             etag = await self._deps.store.put_object(
-                s.key, chunk.data, md5_b64, CONTENT_TYPE, checksum=chunk.checksum, sign=chunk.sign
-            )
+                s.key, chunk.data, md5_b64, CONTENT_TYPE, checksum=chunk.checksum,
+                payload_sha256=chunk.sha256_hex,
+            )  # fmt: skip
         finally:
             self._uploads.release(chunk)
         self._deps.metrics.uploaded("single", idle.size, self._deps.now())

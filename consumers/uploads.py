@@ -105,6 +105,7 @@ class Chunk:
     md5_hex: str  # "" unless asked for (``Uploads.send_chunk`` fills it when needed)
     md5_b64: str
     quiet: FileStat | None  # the stat after the read, if the file was quiet before
+    sha256_hex: str = ""  # sha256 mode: what a send signs (filled like ``md5_hex``)
     users: int = 1  # ``Uploads.release`` hands the buffer back when the last one is done
 
     @property
@@ -113,19 +114,15 @@ class Chunk:
         return self.crc if checksums.as_crc(self.algorithm) else ""
 
     @property
-    def sign(self) -> bool:
-        """Whether a send of these bytes signs their SHA-256 (sha256 mode)."""
-        return self.algorithm == "sha256"
-
-    @property
     def local_crc(self) -> str:
         """The CRC only this side knows (``PartUploaded.crc``): "" when it was sent."""
         return "" if self.checksum else self.crc
 
 
 def _read_and_digest(
-    path: str, inode: int, span: Span, buffer: bytearray, algorithm: Algorithm, md5: bool
-) -> Chunk:
+    path: str, inode: int, span: Span, buffer: bytearray, algorithm: Algorithm, md5: bool,
+    sha256: bool,
+) -> Chunk:  # fmt: skip
     started_ns = time.time_ns()
     data = memoryview(buffer)[: span.size]
     after = files.read_into(path, span.offset, data).after
@@ -134,8 +131,10 @@ def _read_and_digest(
     # compared with, where the store verifies only an MD5 or nothing.
     crc = checksums.checksum_of(sent_crc or "crc64nvme", data)
     md5_hex, md5_b64 = md5_of(data) if md5 else ("", "")
+    sha256_hex = checksums.sha256_hex(data) if sha256 else ""
     still = after.inode == inode and after.mtime_ns < started_ns - QUIET_NS
-    return Chunk(span, buffer, data, algorithm, crc, md5_hex, md5_b64, after if still else None)
+    quiet = after if still else None
+    return Chunk(span, buffer, data, algorithm, crc, md5_hex, md5_b64, quiet, sha256_hex)
 
 
 @contextmanager
@@ -230,13 +229,17 @@ class Uploads:
         self, s: StreamState, span: Span, algorithm: Algorithm, *, md5: bool | None = None
     ) -> Chunk:
         """Read ``span`` into a lent buffer with its CRC, and its MD5 if ``md5``
-        (None: if ``algorithm`` sends one, i.e. md5 mode); hand it back with
-        ``release``. A read only to compare passes ``md5=False``: a send of
-        the chunk computes the MD5 then, if it needs it."""
+        (None: if ``algorithm`` sends one, i.e. md5 mode), and in sha256 mode
+        the SHA-256 a send signs; hand it back with ``release``. A read only
+        to compare passes ``md5=False``: a send of the chunk computes the MD5
+        or SHA-256 then, if it needs it."""
         buffer = await self.buffers.take(span.size)
         want_md5 = algorithm == "md5" if md5 is None else md5
+        want_sha256 = algorithm == "sha256" and md5 is not False
         work = asyncio.ensure_future(
-            asyncio.to_thread(_read_and_digest, s.path, s.inode, span, buffer, algorithm, want_md5)
+            asyncio.to_thread(
+                _read_and_digest, s.path, s.inode, span, buffer, algorithm, want_md5, want_sha256
+            )
         )
         try:
             return await asyncio.shield(work)
@@ -428,6 +431,8 @@ class Uploads:
             # Read only to compare (the finalizer), then found changed: the
             # Content-MD5 the store checks is computed now.
             chunk.md5_hex, chunk.md5_b64 = await asyncio.to_thread(md5_of, chunk.data)
+        if chunk.algorithm == "sha256" and not chunk.sha256_hex:
+            chunk.sha256_hex = await asyncio.to_thread(checksums.sha256_hex, chunk.data)
         if chunk.md5_hex:
             copied = await self.copy_unchanged(
                 s, upload_id, span, chunk.md5_hex, fence, checksum=chunk.checksum
@@ -436,7 +441,7 @@ class Uploads:
                 return Sent(copied, chunk.checksum)
         etag = await self._deps.store.upload_part(
             s.key, upload_id, span.number, chunk.data, chunk.md5_b64 if not chunk.checksum else "",
-            checksum=chunk.checksum, sign=chunk.sign,
+            checksum=chunk.checksum, payload_sha256=chunk.sha256_hex,
         )  # fmt: skip
         md5_hex = chunk.md5_hex or self._md5_from(etag)
         if not md5_hex:

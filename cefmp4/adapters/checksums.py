@@ -9,8 +9,8 @@ Two families, chosen by ``S3_CHECKSUM`` (``resolve`` picks one for ``auto``):
   of the part CRCs (``combine``: no byte is read twice) and the server checks
   it at completion. That server-verified value is the object's integrity
   proof in the sidecar.
-* **SHA-256 of the signed payload** (SigV4 ``x-amz-content-sha256``, which
-  botocore computes: OpenSSL's SHA-NI path, 2.3x cheaper than MD5 here), for
+* **SHA-256 of the signed payload** (SigV4 ``x-amz-content-sha256``, computed
+  here as the part is read: OpenSSL's SHA-NI path, 2.3x cheaper than MD5), for
   stores that verify signatures but no flexible checksum (the JuiceFS
   gateway). It proves each request's body, not the whole object: the local
   CRC64NVME recorded per part is what the finalizer re-checks.
@@ -54,6 +54,11 @@ def md5_of(data: Bytes) -> tuple[str, str]:
     """(hex, base64) MD5; hashlib drops the GIL, so run it in a thread."""
     digest = hashlib.md5(data, usedforsecurity=False).digest()
     return digest.hex(), base64.b64encode(digest).decode()
+
+
+def sha256_hex(data: Bytes) -> str:
+    """Hex SHA-256 (a signed payload's); hashlib drops the GIL, so run it in a thread."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def is_crc(algorithm: str) -> bool:

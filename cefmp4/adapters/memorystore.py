@@ -96,7 +96,7 @@ class MemoryStore:
 
     async def upload_part(
         self, key: str, upload_id: str, number: int, body: Bytes, md5_b64: str, *,
-        checksum: str = "", sign: bool = False,
+        checksum: str = "", payload_sha256: str = "",
     ) -> str:  # fmt: skip
         await asyncio.sleep(0)
         upload = self._upload(key, upload_id)
@@ -180,7 +180,7 @@ class MemoryStore:
 
     async def put_object(
         self, key: str, body: Bytes, md5_b64: str, content_type: str, *, checksum: str = "",
-        sign: bool = False,
+        payload_sha256: str = "",
     ) -> str:  # fmt: skip
         await asyncio.sleep(0)
         etag = _checked(body, md5_b64, checksum)

@@ -42,7 +42,9 @@ from typing import Any, TypeVar
 
 import aiohttp
 import aiohttp.payload
+import botocore.auth
 import botocore.exceptions as bexc
+from botocore.auth import S3SigV4Auth
 from botocore.config import Config as BotoConfig
 
 from cefmp4.adapters import checksums
@@ -178,33 +180,32 @@ WRITE_CHUNK = 256 * 1024
 class PartBody(aiohttp.payload.Payload):
     """A part's bytes as both botocore and aiohttp want them, without copies.
 
-    To botocore it is a seekable file (length, and the SHA-256 it signs when
-    payload signing is on); to aiohttp it is a ``Payload`` it writes as is, in
-    ``WRITE_CHUNK`` copies straight from the buffer. Any file-like body would
-    instead be read in a worker thread per 256 KiB (an executor round trip
-    each, a third of the upload's CPU), and a ``bytes`` body becomes a BytesIO
-    that aiohttp un-shares: a second copy of every part in flight.
+    To botocore it is a file with a length; to aiohttp it is a ``Payload`` it
+    writes as is, in ``WRITE_CHUNK`` copies straight from the buffer. Any
+    file-like body would instead be read in a worker thread per 256 KiB (an
+    executor round trip each, a third of the upload's CPU), and a ``bytes``
+    body becomes a BytesIO that aiohttp un-shares: a second copy of every
+    part in flight.
 
-    ``sign``: the request carries the body's SHA-256, signed, which a store
-    that checks signatures verifies (``_sign_when_asked``). ``sent``: the
-    bytes written instead of ``data`` (the probe's damaged body only).
+    ``sha256``: the hex SHA-256 the caller computed of these bytes (in the
+    thread that read them); the request is then signed with it
+    (``PresignedPayloadAuth``), and a store that checks signatures refuses
+    a body that does not match it.
     """
 
-    def __init__(self, data: Bytes, *, sign: bool = False, sent: Bytes | None = None) -> None:
+    def __init__(self, data: Bytes, *, sha256: str = "") -> None:
         super().__init__(data, content_type="application/octet-stream")
         self._view = memoryview(data).cast("B")
-        self._sent = self._view if sent is None else memoryview(sent).cast("B")
         self._size = len(self._view)
         self._pos = 0
-        self.sign = sign
+        self.sha256 = sha256
 
-    # botocore's side: a seekable file.
-    def read(self, size: int = -1) -> memoryview:
-        """The next ``size`` bytes as a view: botocore reads only to hash
-        (the SHA-256 it signs), never to send, so a copy would be waste."""
+    # botocore's side: a seekable file (it reads only to hash, which the
+    # signer below never needs to).
+    def read(self, size: int = -1) -> bytes:
         total = len(self._view)
         end = total if size is None or size < 0 else min(total, self._pos + size)
-        data = self._view[self._pos : max(end, self._pos)]
+        data = bytes(self._view[self._pos : max(end, self._pos)])
         self._pos += len(data)
         return data
 
@@ -228,24 +229,40 @@ class PartBody(aiohttp.payload.Payload):
         await self.write_with_length(writer, None)
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        view = self._sent if content_length is None else self._sent[:content_length]
+        view = self._view if content_length is None else self._view[:content_length]
         for start in range(0, len(view), WRITE_CHUNK):
             await writer.write(bytes(view[start : start + WRITE_CHUNK]))
 
 
-def _sign_when_asked(signed: BotoConfig) -> Callable[..., None]:
-    """A ``before-sign`` handler: a request whose body is a ``PartBody`` that
-    asks to be signed is signed with its SHA-256 (``signed``: the client's
-    config with payload signing on); every other request keeps the client's
-    UNSIGNED-PAYLOAD. botocore reads that switch from the request's context,
-    so one client does both."""
+class PresignedPayloadAuth(S3SigV4Auth):  # type: ignore[misc]
+    """SigV4 for S3 that signs a ``PartBody``'s precomputed SHA-256.
 
-    def handler(request: Any, **_: Any) -> None:
+    botocore's own S3 signers always hash the body themselves, on the event
+    loop (the CRT one through a Python read callback per chunk): half a
+    CPU-second per GiB that blocks the loop, for a digest the reading thread
+    can compute in parallel. Every other request (and a body without a
+    digest) is signed as botocore would, UNSIGNED-PAYLOAD per the client's
+    config. Chosen per UploadPart/PutObject by ``_presigned_when_asked``.
+    """
+
+    def payload(self, request: Any) -> str:
         body = getattr(request, "data", None)
-        if isinstance(body, PartBody) and body.sign:
-            request.context["client_config"] = signed
+        if isinstance(body, PartBody) and body.sha256:
+            return body.sha256
+        return str(super().payload(request))
 
-    return handler
+
+# The name under which botocore finds the signer above. botocore looks
+# signers up by name in its one table (``AUTH_TYPE_MAPS``); adding a name of
+# our own changes nothing that botocore or another client signs.
+PRESIGNED_SIGNER = "cefmp4-s3v4-presigned"
+
+
+def _presigned_when_asked(signature_version: str, **_: Any) -> str | None:
+    """A ``choose-signer`` handler: plain SigV4 (``s3v4``) UploadPart and
+    PutObject go through ``PresignedPayloadAuth``; anything else (S3 Express,
+    SigV4a, unsigned) as botocore chose."""
+    return PRESIGNED_SIGNER if signature_version == "s3v4" else None
 
 
 def _etag(value: str) -> str:
@@ -287,12 +304,11 @@ class S3Store:
         blocked: Blocked | None = None,
     ) -> None:
         self._s3 = client
-        config = client.meta.config
-        signed = config.merge(BotoConfig(s3={**(config.s3 or {}), "payload_signing_enabled": True}))
+        botocore.auth.AUTH_TYPE_MAPS.setdefault(PRESIGNED_SIGNER, PresignedPayloadAuth)
         for operation in ("UploadPart", "PutObject"):  # the calls with a PartBody
-            client.meta.events.register(
-                f"before-sign.s3.{operation}", _sign_when_asked(signed),
-                unique_id=f"cefmp4-sign-{operation}",
+            client.meta.events.register_first(
+                f"choose-signer.s3.{operation}", _presigned_when_asked,
+                unique_id=f"cefmp4-presigned-{operation}",
             )  # fmt: skip
         self.bucket = bucket
         self._timeout = timeout
@@ -373,7 +389,7 @@ class S3Store:
 
     async def upload_part(
         self, key: str, upload_id: str, number: int, body: Bytes, md5_b64: str, *,
-        checksum: str = "", sign: bool = False,
+        checksum: str = "", payload_sha256: str = "",
     ) -> str:  # fmt: skip
         reply = await self._call(
             lambda: self._s3.upload_part(
@@ -381,7 +397,7 @@ class S3Store:
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=PartBody(body, sign=sign),
+                Body=PartBody(body, sha256=payload_sha256),
                 **_integrity(md5_b64, checksum),
             ),
             body_size=len(body),
@@ -469,13 +485,13 @@ class S3Store:
 
     async def put_object(
         self, key: str, body: Bytes, md5_b64: str, content_type: str, *, checksum: str = "",
-        sign: bool = False,
+        payload_sha256: str = "",
     ) -> str:  # fmt: skip
         reply = await self._call(
             lambda: self._s3.put_object(
                 Bucket=self.bucket,
                 Key=key,
-                Body=PartBody(body, sign=sign),
+                Body=PartBody(body, sha256=payload_sha256),
                 ContentType=content_type,
                 **_integrity(md5_b64, checksum),
             ),
@@ -521,20 +537,21 @@ class S3Store:
 
     async def probe_signed_payload(self, scratch_key: str) -> str | None:
         body = b"cefmp4 signed payload probe\n" * 64
+        right = checksums.sha256_hex(body)
         damaged = body[:-1] + b"!"
         try:
 
             def damaged_put() -> Awaitable[Any]:
                 return self._s3.put_object(  # type: ignore[no-any-return]
-                    Bucket=self.bucket,
-                    Key=scratch_key,
-                    Body=PartBody(body, sign=True, sent=damaged),
+                    Bucket=self.bucket, Key=scratch_key, Body=PartBody(damaged, sha256=right)
                 )
 
             if not await self._refuses(damaged_put, len(body)):
                 return "the store accepted a body whose signed SHA-256 is wrong"
             try:
-                await self.put_object(scratch_key, body, "", "application/octet-stream", sign=True)
+                await self.put_object(
+                    scratch_key, body, "", "application/octet-stream", payload_sha256=right
+                )
             except PermanentError as exc:
                 return f"a signed PutObject: {exc}"
             return None

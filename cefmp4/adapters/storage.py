@@ -86,7 +86,7 @@ class ObjectStore(Protocol):
 
     async def upload_part(
         self, key: str, upload_id: str, number: int, body: Bytes, md5_b64: str, *,
-        checksum: str = "", sign: bool = False,
+        checksum: str = "", payload_sha256: str = "",
     ) -> str:  # fmt: skip
         """Store ``body`` as part ``number`` (1..10,000) of the upload; returns
         its ETag, which is the MD5 hex of ``body`` (without quotes) whichever
@@ -94,9 +94,10 @@ class ObjectStore(Protocol):
 
         ``md5_b64`` "" sends no Content-MD5; ``checksum`` (tagged CRC,
         ``checksums.tag``) is sent as ``x-amz-checksum-*`` and verified by
-        the store like Content-MD5 (BadDigest). ``sign``: the request carries
-        the body's SHA-256 in its signature (SigV4 ``x-amz-content-sha256``),
-        which a store that ``probe_signed_payload`` passed verifies
+        the store like Content-MD5 (BadDigest). ``payload_sha256`` (hex, ""
+        for none) is signed as the body's SHA-256 (SigV4
+        ``x-amz-content-sha256``) instead of UNSIGNED-PAYLOAD; a store that
+        ``probe_signed_payload`` passed refuses a body that does not match it
         (XAmzContentSHA256Mismatch, like BadDigest).
 
         Idempotent: a part sent again under the same number replaces the
@@ -183,12 +184,12 @@ class ObjectStore(Protocol):
 
     async def put_object(
         self, key: str, body: Bytes, md5_b64: str, content_type: str, *, checksum: str = "",
-        sign: bool = False,
+        payload_sha256: str = "",
     ) -> str:  # fmt: skip
         """Store ``body`` (may be empty) as the object ``key`` in one request,
         replacing any object there; returns its ETag, the MD5 hex of ``body``.
         Idempotent. Content-MD5 (unless ``md5_b64`` is ""), ``checksum`` and
-        ``sign`` are checked as for ``upload_part`` (``PermanentError``,
+        ``payload_sha256`` are checked as for ``upload_part`` (``PermanentError``,
         BadDigest / InvalidDigest; nothing is stored)."""
         ...
 
@@ -203,8 +204,8 @@ class ObjectStore(Protocol):
 
     async def probe_signed_payload(self, scratch_key: str) -> str | None:
         """None when the store verifies a signed payload's SHA-256: a
-        ``put_object(sign=True)`` at ``scratch_key`` whose bytes differ from
-        the signed ones is refused and the right one accepted (the JuiceFS
+        ``put_object`` at ``scratch_key`` whose bytes differ from the signed
+        ``payload_sha256`` is refused and the right one accepted (the JuiceFS
         gateway does; SeaweedFS takes either); else why not. Leaves nothing
         behind. Outages raise as for any call."""
         ...

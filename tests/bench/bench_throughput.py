@@ -81,6 +81,7 @@ from tests.bench.common import (
     main_thread_cpu_seconds,
     of_stream,
     proc_status_kib,
+    quiesce,
     read_events,
     s3_server,
     sha256_matches,
@@ -248,6 +249,7 @@ def _service_phase(
         prom_port=0,
     )
     client = redis.Redis.from_url(rds.url)
+    quiesce(gateway_pid)
     service = ServiceProcess(config, tmp / f"{label}.log", workdir=tmp / f"{label}-cwd")
     service.env.update(dict(extra_env))
     known = known_env_names()
@@ -357,6 +359,7 @@ def _peer_phase(
     logs = tmp / "peers" / name
     # One request plus the CLI's start-up: what the tool costs before any byte moves.
     startup = run_tool(peer.startup, peer.env, logs / "startup.log", args.timeout)
+    quiesce(gateway_pid)
     gw0 = cpu_seconds(gateway_pid, children=True)
     up = run_tool(peer.upload, peer.env, logs / "upload.log", args.timeout)
     gw1 = cpu_seconds(gateway_pid, children=True)

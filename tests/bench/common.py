@@ -135,6 +135,24 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
     return _cpu_seconds(Path(f"/proc/{pid}/stat"), children=children)
 
 
+def quiesce(server_pid: int, *, timeout: float = 20.0, idle_cpu: float = 0.02) -> float:
+    """Flush dirty pages and wait until the S3 server is idle (less than
+    ``idle_cpu`` CPU-s in half a second), so that every measured phase starts
+    alike: not while the kernel writes back the previous tool's gigabyte or
+    the server tidies up after it (either doubled the server's CPU per GiB
+    in a phase that followed another). Returns the seconds it waited."""
+    started = time.monotonic()
+    os.sync()
+    before = cpu_seconds(server_pid, children=True)
+    while time.monotonic() - started < timeout:
+        time.sleep(0.5)
+        now = cpu_seconds(server_pid, children=True)
+        if now - before < idle_cpu:
+            break
+        before = now
+    return time.monotonic() - started
+
+
 def children_cpu_seconds(pid: int) -> float:
     """User + system CPU of the reaped children of ``pid`` (ffprobe, for the service)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()

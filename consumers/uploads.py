@@ -65,7 +65,12 @@ async def resolve_checksum(
     why each CRC it tried was refused: a forced mode is taken as is (a store
     that refuses it fails the uploads, loudly), ``auto`` takes the first CRC
     the store verifies end to end, else the signed SHA-256 if the store
-    verifies that, else MD5."""
+    verifies that, else MD5. A forced sha256 is probed too, since a store
+    that does not check signed payloads takes the parts unverified instead
+    of refusing them: why goes in the list, for a warning."""
+    if mode == "sha256":
+        why = await store.probe_signed_payload(f"{scratch_prefix}.cefmp4-probe-{uuid.uuid4().hex}")
+        return mode, [] if why is None else [f"sha256: {why}"]
     if mode != "auto":
         return mode, []
     refused: list[str] = []
@@ -213,7 +218,13 @@ class Uploads:
                 chosen, refused = await resolve_checksum(
                     self._deps.store, config.s3_checksum, config.s3_key_prefix
                 )
-                log.info("checksum", mode=config.s3_checksum, algorithm=chosen, refused=refused)
+                if config.s3_checksum == "sha256" and refused:
+                    log.warning(
+                        "checksum not verified by the store: parts go unchecked in transit",
+                        mode=config.s3_checksum, refused=refused, hint="S3_CHECKSUM=auto",
+                    )  # fmt: skip
+                else:
+                    log.info("checksum", mode=config.s3_checksum, algorithm=chosen, refused=refused)
                 self._algorithm = chosen
             return self._algorithm
 
@@ -226,16 +237,18 @@ class Uploads:
         return upload_algorithm(parts, resolved)
 
     async def read(
-        self, s: StreamState, span: Span, algorithm: Algorithm, *, md5: bool | None = None
-    ) -> Chunk:
+        self, s: StreamState, span: Span, algorithm: Algorithm, *, md5: bool | None = None,
+        sha256: bool | None = None,
+    ) -> Chunk:  # fmt: skip
         """Read ``span`` into a lent buffer with its CRC, and its MD5 if ``md5``
-        (None: if ``algorithm`` sends one, i.e. md5 mode), and in sha256 mode
-        the SHA-256 a send signs; hand it back with ``release``. A read only
-        to compare passes ``md5=False``: a send of the chunk computes the MD5
-        or SHA-256 then, if it needs it."""
+        (None: if ``algorithm`` sends one, i.e. md5 mode), and the SHA-256 a
+        send signs if ``sha256`` (None: in sha256 mode, unless ``md5=False``
+        says the read is only to compare); hand it back with ``release``. A
+        read only to compare passes ``md5=False``: a send of the chunk
+        computes the MD5 or SHA-256 then, if it needs it."""
         buffer = await self.buffers.take(span.size)
         want_md5 = algorithm == "md5" if md5 is None else md5
-        want_sha256 = algorithm == "sha256" and md5 is not False
+        want_sha256 = algorithm == "sha256" and md5 is not False if sha256 is None else sha256
         work = asyncio.ensure_future(
             asyncio.to_thread(
                 _read_and_digest, s.path, s.inode, span, buffer, algorithm, want_md5, want_sha256
@@ -350,7 +363,7 @@ class Uploads:
             span = Span(rp.number, offset, rp.size)
             # Like with like: the store's CRC if it lists one, else its MD5 ETag.
             listed = checksums.untag(rp.checksum)
-            chunk = await self.read(s, span, algorithm, md5=listed is None)
+            chunk = await self.read(s, span, algorithm, md5=listed is None, sha256=False)
             try:
                 same = (
                     chunk.checksum == rp.checksum if listed is not None
@@ -408,7 +421,9 @@ class Uploads:
             async with limit:
                 if give_way is not None and await give_way():
                     return
-                chunk = await self.read(s, span, algorithm, md5=s.continues is not None)
+                # The digests a send needs, in the reading thread: the MD5 too
+                # when a continuation may copy the part instead.
+                chunk = await self.read(s, span, algorithm, md5=True if s.continues else None)
                 try:
                     sent[span.number] = await self.send_chunk(s, upload_id, chunk, why, fence)
                 finally:

@@ -55,6 +55,9 @@ as botocore sends them), on every connection the plan leaves transparent:
 * ``corrupt_bodies``: the next that many request bodies of at least
   ``corrupt_min_bytes`` reach S3 with one byte flipped in the middle
   (counted as ``corrupted``): damage in transit that only a checksum catches.
+* ``inspect``: read requests one by one even with no fault to inject, so that
+  ``signed`` counts the bodies sent with a signed SHA-256 (``corrupt_min_bytes``
+  or more).
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class Injected:
     idle_closed: int = 0  # quiet connections closed (``idle_close_seconds``); not a fault
     rejected: int = 0  # requests answered InvalidRequest for a header (``reject_headers``)
     corrupted: int = 0  # request bodies forwarded with a flipped byte (``corrupt_bodies``)
+    signed: int = 0  # inspected bodies of >= corrupt_min_bytes whose SHA-256 was signed
 
     @property
     def faults(self) -> int:
@@ -173,6 +177,7 @@ class FaultProxy:
         reject_headers: tuple[bytes, ...] = (),
         corrupt_bodies: int = 0,
         corrupt_min_bytes: int = 1024 * 1024,
+        inspect: bool = False,
     ) -> None:
         if reset_rate + slowdown_rate + stall_rate + lost_response_rate > 1.0:
             raise ValueError("the fault rates add up to more than 1")
@@ -188,6 +193,7 @@ class FaultProxy:
         self.reject_headers = reject_headers
         self.corrupt_bodies = corrupt_bodies
         self.corrupt_min_bytes = corrupt_min_bytes
+        self.inspect = inspect
         self.enabled = True
         self.injected = Injected()
         self.connections = 0
@@ -375,7 +381,7 @@ class FaultProxy:
             if lose_response
             else self._pump(up_reader, writer, None, traffic, answer=True)
         )
-        inspect = (self.reject_headers or self.corrupt_bodies) and cut is None
+        inspect = (self.reject_headers or self.corrupt_bodies or self.inspect) and cut is None
         try:
             async with asyncio.TaskGroup() as pumps:
                 if inspect and not lose_response:
@@ -460,6 +466,9 @@ class FaultProxy:
             await dst.drain()
             if length == 0:
                 continue
+            signed = names.get(b"x-amz-content-sha256", b"UNSIGNED-PAYLOAD")
+            if length >= self.corrupt_min_bytes and len(signed) == 64:
+                self.injected.signed += 1
             damage = self.corrupt_bodies > 0 and length >= self.corrupt_min_bytes
             if damage:
                 self.corrupt_bodies -= 1

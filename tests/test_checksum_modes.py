@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 from cefmp4.adapters import checksums, files
 from cefmp4.adapters.clients import s3_client
+from cefmp4.adapters.memorystore import MemoryStore
 from cefmp4.adapters.s3store import S3Store
 from cefmp4.dev.localservers import S3Endpoint, make_s3_client
 from cefmp4.domain.config import Config
@@ -218,7 +219,7 @@ def _head(s3: Any, bucket: str, key: str) -> dict[str, Any]:
     return dict(s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
 
 
-@pytest.mark.parametrize("mode", ["auto", "crc64nvme", "crc32c", "md5", "none"])
+@pytest.mark.parametrize("mode", ["auto", "crc64nvme", "crc32c", "sha256", "md5", "none"])
 async def test_every_mode_stores_the_file_exactly(
     mode: str,
     make_config: Callable[..., Config],
@@ -422,7 +423,7 @@ def test_doctor_says_what_s3_checksum_comes_to() -> None:
     assert checksum_check("md5", "md5", []).level == "ok"
     signed = checksum_check("auto", "sha256", ["crc64nvme: no", "crc32c: no"])
     assert signed.level == "ok" and signed.detail.startswith("auto: sha256")
-    assert checksum_check("sha256", "sha256", ["accepted a wrong one"]).level == "fail"
+    assert checksum_check("sha256", "sha256", ["accepted a wrong one"]).level == "warn"
     assert checksum_check("sha256", "sha256", []).level == "ok"
 
 
@@ -457,6 +458,20 @@ async def test_auto_comes_to_sha256_where_only_signatures_are_checked(
     assert "wrong" in refused[0]  # it took a wrong CRC: not verified
 
 
+class IgnoresSignatures(MemoryStore):
+    async def probe_signed_payload(self, scratch_key: str) -> str | None:
+        return "the store accepted a body whose signed SHA-256 is wrong"  # as SeaweedFS
+
+
+async def test_a_forced_sha256_is_probed_and_a_store_that_ignores_it_is_named() -> None:
+    assert await resolve_checksum(MemoryStore(), "sha256", "p/") == ("sha256", [])
+    algorithm, refused = await resolve_checksum(IgnoresSignatures(), "sha256", "p/")
+    assert algorithm == "sha256" and refused == [
+        "sha256: the store accepted a body whose signed SHA-256 is wrong"
+    ]
+    assert await resolve_checksum(IgnoresSignatures(), "auto", "p/") == ("crc64nvme", [])
+
+
 @pytest.mark.parametrize("corrupt", [0, 2])
 async def test_auto_signs_payloads_on_a_store_that_checks_them(
     corrupt: int,
@@ -471,7 +486,7 @@ async def test_auto_signs_payloads_on_a_store_that_checks_them(
     bucket = f"signed-{corrupt}"
     large, small = watch / "large.mp4", watch / "small.mp4"
     data, little = sources.large.read_bytes(), sources.regular.read_bytes()
-    async with FaultProxy.to(juicefs.url, corrupt_bodies=corrupt) as proxy:
+    async with FaultProxy.to(juicefs.url, corrupt_bodies=corrupt, inspect=True) as proxy:
         config = make_config(
             s3_endpoint_url=proxy.url, s3_access_key_id=juicefs.access_key,
             s3_secret_access_key=juicefs.secret_key, s3_bucket_name=bucket,
@@ -481,6 +496,9 @@ async def test_auto_signs_payloads_on_a_store_that_checks_them(
             small.write_bytes(little)
             big, one = await h.terminal(large), await h.terminal(small)
         assert proxy.injected.corrupted == corrupt
+        # Every body of a MiB or more (the parts, the part sent again) went
+        # signed: sha256 mode, not the md5 one JuiceFS would also check.
+        assert proxy.injected.signed >= 2 + corrupt
     client = make_s3_client(juicefs)
     for state, expected in ((big, data), (one, little)):
         sidecar = assert_stored(client, bucket, state, expected)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ import prometheus_client
 import pytest
 
 import consumers.uploads as uploads_module
+from cefmp4.adapters import checksums
 from cefmp4.adapters.checksums import checksum_of, md5_of, multipart_etag
 from cefmp4.adapters.eventlog import EventLog
 from cefmp4.adapters.leases import Fence, LeaseLost, StreamLeases
@@ -487,3 +489,54 @@ async def test_a_cancelled_read_keeps_its_buffer_until_the_thread_is_done(
             break
         await asyncio.sleep(0.01)
     assert world.uploads.buffers.lent == 0
+
+
+class RecordsSignedDigests(MemoryStore):
+    def __init__(self, bucket: str, *, min_part_size: int) -> None:
+        super().__init__(bucket, min_part_size=min_part_size)
+        self.signed: list[tuple[int, str]] = []
+
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, body: Any, md5_b64: str, **kw: Any
+    ) -> str:
+        self.signed.append((number, kw.get("payload_sha256", "")))
+        return await super().upload_part(key, upload_id, number, body, md5_b64, **kw)
+
+
+async def test_sha256_mode_signs_each_send_with_the_digest_read_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store that checks only signed payloads (S3_CHECKSUM=sha256, the
+    # JuiceFS gateway; MemoryStore refuses a digest that is not the body's):
+    # each part's SHA-256 is computed once, in the thread that read it, and
+    # the part the recorder patched goes again with the new one.
+    store = RecordsSignedDigests("bucket", min_part_size=C)
+    world = make_world(tmp_path, store, MemoryLeases(MemoryEventLog()), s3_checksum="sha256")
+    data = bytearray(os.urandom(3 * C + C // 5))
+    await record(world, bytes(data))
+    hashed: list[int] = []
+    callers: list[str] = []
+    real = checksums.sha256_hex
+
+    def counting(chunk: Any) -> str:
+        hashed.append(len(chunk))
+        callers.append(sys._getframe(1).f_code.co_name)
+        return real(chunk)
+
+    monkeypatch.setattr(checksums, "sha256_hex", counting)
+    await world.send_parts(1, 2, 3)
+    assert sorted(hashed) == [C, C, C]  # never twice
+    assert callers == ["_read_and_digest"] * 3  # by the thread that read the part
+    sent = [e for e in world.of(PartUploaded) if isinstance(e, PartUploaded)]
+    assert all(e.checksum == "" and e.crc.startswith("crc64nvme:") for e in sent)
+    data[40:44] = b"\x00\x00\x10\x00"
+    world.path.write_bytes(bytes(data))
+    await world.finalizer.handle(await world.idle())
+    assert await world.store.get_object(KEY) == bytes(data)
+    # Parts 2 and 3 were compared by their CRC, not hashed: part 1 again and the tail.
+    assert sorted(hashed) == sorted([C, C, C, C, C // 5])
+    assert sorted(n for n, _ in store.signed[:3]) == [1, 2, 3]  # while it grew
+    assert all(digest for _, digest in store.signed)
+    # At the end: part 1 with the patch and the tail, each with its own digest.
+    want = {1: real(bytes(data[:C])), 4: real(bytes(data[3 * C :]))}
+    assert dict(store.signed[3:]) == want

@@ -81,7 +81,7 @@ class TestS3StoreOnJuiceFS(StorageContract):
 
 
 class TestMemoryStore(StorageContract):
-    verifies_signed_payload = False  # nothing is signed in memory
+    verifies_signed_payload = True  # it checks payload_sha256 like the JuiceFS gateway
 
     @pytest.fixture
     def store(self) -> MemoryStore:

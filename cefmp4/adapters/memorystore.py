@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ class MemoryStore:
         await asyncio.sleep(0)
         upload = self._upload(key, upload_id)
         self._check_number(number)
-        etag = _checked(body, md5_b64, checksum)
+        etag = _checked(body, md5_b64, checksum, payload_sha256)
         upload.parts[number] = (bytes(body), etag)
         return etag
 
@@ -183,7 +184,7 @@ class MemoryStore:
         payload_sha256: str = "",
     ) -> str:  # fmt: skip
         await asyncio.sleep(0)
-        etag = _checked(body, md5_b64, checksum)
+        etag = _checked(body, md5_b64, checksum, payload_sha256)
         self._objects[key] = (bytes(body), etag)
         self._checksums.pop(key, None)
         if checksum:
@@ -196,7 +197,7 @@ class MemoryStore:
 
     async def probe_signed_payload(self, scratch_key: str) -> str | None:
         await asyncio.sleep(0)
-        return "nothing is signed in memory"  # and the bytes cannot be damaged on the way
+        return None  # it checks every payload_sha256 it is given, like the JuiceFS gateway
 
     async def head_object(self, key: str) -> ObjectInfo | None:
         await asyncio.sleep(0)
@@ -220,9 +221,12 @@ class MemoryStore:
         return None if held is None else held[0]
 
 
-def _checked(body: Bytes, md5_b64: str, checksum: str) -> str:
+def _checked(body: Bytes, md5_b64: str, checksum: str, payload_sha256: str) -> str:
     """The body's MD5 hex (its ETag), after the checks of what came with it:
-    Content-MD5 unless ``md5_b64`` is "", the tagged CRC ``checksum`` if any."""
+    Content-MD5 unless ``md5_b64`` is "", the tagged CRC ``checksum`` if any,
+    the signed ``payload_sha256`` if any (as a store that checks signatures)."""
+    if payload_sha256 and hashlib.sha256(body).hexdigest() != payload_sha256:
+        raise _rejected("XAmzContentSHA256Mismatch", "the signed SHA-256 does not match the body")
     found = checksums.untag(checksum)
     if found is not None and checksums.checksum_of(found[0], body) != checksum:
         raise _rejected("BadDigest", f"the {found[0]} does not match the body")

@@ -193,6 +193,8 @@ class PartBody(aiohttp.payload.Payload):
     a body that does not match it.
     """
 
+    _autoclose = True  # holds no file or socket: nothing to close
+
     def __init__(self, data: Bytes, *, sha256: str = "") -> None:
         super().__init__(data, content_type="application/octet-stream")
         self._view = memoryview(data).cast("B")
@@ -259,9 +261,13 @@ PRESIGNED_SIGNER = "cefmp4-s3v4-presigned"
 
 
 def _presigned_when_asked(signature_version: str, **_: Any) -> str | None:
-    """A ``choose-signer`` handler: plain SigV4 (``s3v4``) UploadPart and
-    PutObject go through ``PresignedPayloadAuth``; anything else (S3 Express,
-    SigV4a, unsigned) as botocore chose."""
+    """A ``choose-signer`` handler: plain SigV4 (``s3v4``, what ``boto_config``
+    asks for) UploadPart and PutObject go through ``PresignedPayloadAuth``;
+    anything else (S3 Express, SigV4a, unsigned) as botocore chose. It runs
+    before botocore's own handlers, so a bucket that needs SigV4a by ARN (a
+    multi-region access point, which S3_BUCKET_NAME cannot name) would not get
+    it. ``test_a_signed_body_carries_its_sha256_and_only_it_is_signed`` fails
+    if this signer is not the one used (the digest would be dropped)."""
     return PRESIGNED_SIGNER if signature_version == "s3v4" else None
 
 

@@ -270,7 +270,10 @@ def checksum_check(mode: str, algorithm: str, refused: list[str]) -> Check:
     if mode == "auto":
         return Check("s3 checksum", "warn", f"auto: md5 (no CRC or signed SHA-256 verified: {why})",
                      "none needed; a store with CRC64NVME/CRC32C costs less CPU")  # fmt: skip
-    if (checksums.is_crc(mode) or mode == "sha256") and refused:
+    if mode == "sha256" and refused:
+        return Check("s3 checksum", "warn", f"{mode}: {why}",
+                     "set S3_CHECKSUM=auto: this store takes the parts unverified")  # fmt: skip
+    if checksums.is_crc(mode) and refused:
         return Check("s3 checksum", "fail", f"{mode}: {why}",
                      "set S3_CHECKSUM=auto (or md5): uploads would be refused")  # fmt: skip
     if mode == "none":

@@ -213,6 +213,12 @@ def write_recording(dst: Path, size: int, content: str, scratch: Path) -> str:
 # -- phases ---------------------------------------------------------------------
 
 
+def redis_calls(client: redis.Redis) -> dict[str, int]:
+    """Calls per Redis command so far (INFO commandstats)."""
+    stats = client.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
 def _service_phase(
     args: argparse.Namespace,
     tmp: Path,
@@ -259,6 +265,7 @@ def _service_phase(
         pid = service.pid
         baseline_rss = proc_status_kib(pid)["VmRSS"]
         cpu0 = cpu_seconds(pid, children=True)
+        calls0 = redis_calls(client)
         main0, gw0 = main_thread_cpu_seconds(pid), cpu_seconds(gateway_pid, children=True)
         if profile:
             profiler = PySpy(pid, RESULTS_DIR / "profile-throughput.txt")
@@ -280,6 +287,7 @@ def _service_phase(
             raise BenchError(f"{label}: {exc}; service log tail:\n{service.tail()}") from None
         status = proc_status_kib(pid)
         cpu1 = cpu_seconds(pid, children=True)
+        calls1 = redis_calls(client)
         main1, gw1 = main_thread_cpu_seconds(pid), cpu_seconds(gateway_pid, children=True)
     finally:
         if profiler is not None:
@@ -345,6 +353,8 @@ def _service_phase(
         "cpu_seconds_per_gib": round(service_cpu * GiB / size, 2),
         "gateway_cpu_seconds_per_gib": round((gw1 - gw0) * GiB / size, 2),
         "service_exit_code": returncode,
+        # Redis commands the service sent for the file (every group reads every event).
+        "redis_calls": {k: v - calls0.get(k, 0) for k, v in calls1.items() if v > calls0.get(k, 0)},
     }
     if profiler is not None and profiler.output.exists():
         result["profile"] = {"raw": str(profiler.output), **summarize_profile(profiler.output)}

@@ -1,14 +1,16 @@
 """Throughput: one finished ``--size-mib`` (1 GiB) MP4 to S3, the service vs other uploaders.
 
 Setup (all under a temp dir, removed afterwards unless ``--keep``): a private
-``redis-server`` and a ``juicefs gateway`` (the fastest S3 server available
-here), and the file, written and fsynced in a staging dir. By default the file
+``redis-server``, the file, written and fsynced in a staging dir, and for each
+phase a fresh ``juicefs gateway`` (the fastest S3 server available here; or
+``--s3 seaweedfs``), after an unmeasured warm-up upload (``_fresh_server``
+says why). By default the file
 is a *valid* MP4 (a 1 s ffmpeg recording whose mdat is padded with random
 bytes up to the size), so the watcher calls it idle after ``SETTLE_SECONDS``;
 ``--content random`` gives random bytes, which finish on
 ``STREAM_TIMEOUT_SECONDS`` instead.
 
-One run measures, one after the other on the same file and the same server:
+One run measures, one after the other on the same file, each on a new server:
 
 * **service**: ``python -m cefmp4 run`` as a subprocess; once it is up, the
   file is renamed into its watch dir (a finished recording appearing at once).
@@ -17,7 +19,7 @@ One run measures, one after the other on the same file and the same server:
   the uploader sent and StreamIdle, when positive; normally 0 with a valid MP4).
   ``busy`` is the same up to StreamCompleted (the object only).
 * **ceiling**: the same with no hashing at all (``--ceiling-env``, by default
-  ``S3_CHECKSUM=none SIDECAR_SHA256=false``), into a second bucket: what the
+  ``S3_CHECKSUM=none SIDECAR_SHA256=false``): what the
   service's I/O path costs by itself. Settings the service does not know are
   listed in the report, because then the ceiling is just a second service run.
 * **peers**, each at its own defaults: ``aws s3 cp``, ``s5cmd cp``, ``rclone
@@ -44,6 +46,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -97,7 +100,6 @@ from tests.mp4gen import make_mp4
 
 NAME = "big.mp4"
 BUCKET = "bench"
-CEILING_BUCKET = "ceiling"
 GiB = 1024 * MiB
 _PAD_BLOCK = 16 * MiB
 DEFAULT_CEILING_ENV = ("S3_CHECKSUM=none", "SIDECAR_SHA256=false")
@@ -396,6 +398,28 @@ def _peer_phase(
     }
 
 
+@contextlib.contextmanager
+def _fresh_server(kind: str, tmp: Path, label: str) -> Iterator[tuple[S3Endpoint, int, Any]]:
+    """A new S3 server (its own data dir, removed afterwards) with the bench
+    bucket, for one phase: (endpoint, pid, boto3 client).
+
+    One per phase because the JuiceFS gateway is not the same server after
+    its first gigabytes: a tool that ran first on it spent 2.6-3.2 server
+    CPU-s per GiB, the same tool after another one 4.5-5.5, whichever the
+    tools. With one shared server the first phase (the service's) had that
+    advantage. The warm-up phase before the measured ones takes the other
+    first-run effect (the first upload after an idle minute is slow on every
+    server) off whichever tool would otherwise come first."""
+    where = tmp / f"{label}-s3"
+    server = s3_server(kind, where)
+    with server:
+        assert server.pid is not None
+        s3 = make_s3_client(server.endpoint)
+        s3.create_bucket(Bucket=BUCKET)
+        yield server.endpoint, server.pid, s3
+    shutil.rmtree(where, ignore_errors=True)
+
+
 def _head(s3: Any, bucket: str, key: str) -> tuple[int, str]:
     try:
         info = s3.head_object(Bucket=bucket, Key=key)
@@ -451,34 +475,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         load_before = os.getloadavg()[0]
         rds = stack.enter_context(RedisServer(tmp / "redis"))
-        gateway = s3_server(args.s3, tmp)
-        stack.enter_context(gateway)
-        endpoint = gateway.endpoint
-        gateway_pid = gateway.pid
-        assert gateway_pid is not None
-        s3 = make_s3_client(endpoint)
-        s3.create_bucket(Bucket=BUCKET)
         staging = tmp / "staging"
         staging.mkdir()
         started = time.monotonic()
         verdict = write_recording(staging / NAME, size, args.content, staging)
         generate_seconds = time.monotonic() - started
+        with _fresh_server(args.s3, tmp, "warm-up") as (endpoint, gateway_pid, s3):
+            _peer_phase("s5cmd", args, tmp / "warm-up", endpoint, gateway_pid, staging / NAME)
 
-        service = _service_phase(
-            args, tmp, rds, endpoint, gateway_pid, staging / NAME, size,
-            label="service", bucket=BUCKET, extra_env=args.service_env, profile=args.profile,
-        )  # fmt: skip
+        with _fresh_server(args.s3, tmp, "service") as (endpoint, gateway_pid, s3):
+            service = _service_phase(
+                args, tmp, rds, endpoint, gateway_pid, staging / NAME, size,
+                label="service", bucket=BUCKET, extra_env=args.service_env, profile=args.profile,
+            )  # fmt: skip
+            service["_head"] = _head(s3, BUCKET, service["key"])
         path = tmp / "service-watch" / NAME
         ceiling = None
         if not args.no_ceiling:
-            s3.create_bucket(Bucket=CEILING_BUCKET)
-            ceiling = _service_phase(
-                args, tmp, rds, endpoint, gateway_pid, path, size,
-                label="ceiling", bucket=CEILING_BUCKET,
-                extra_env=[*args.service_env, *args.ceiling_env], profile=False,
-            )  # fmt: skip
+            with _fresh_server(args.s3, tmp, "ceiling") as (endpoint, gateway_pid, s3):
+                ceiling = _service_phase(
+                    args, tmp, rds, endpoint, gateway_pid, path, size,
+                    label="ceiling", bucket=BUCKET,
+                    extra_env=[*args.service_env, *args.ceiling_env], profile=False,
+                )  # fmt: skip
+                ceiling["_head"] = _head(s3, BUCKET, ceiling["key"])
             path = tmp / "ceiling-watch" / NAME
-        peers = {n: _peer_phase(n, args, tmp, endpoint, gateway_pid, path) for n in args.peers}
+        peers = {}
+        for name in args.peers:
+            with _fresh_server(args.s3, tmp, name) as (endpoint, gateway_pid, s3):
+                peers[name] = _peer_phase(name, args, tmp, endpoint, gateway_pid, path)
+                peers[name]["_head"] = _head(s3, BUCKET, peers[name]["key"])
 
         service_plan = PartHasher([sp.size for sp in final_parts(size, chunk)])
         peer_plans = {n: PartHasher(p.pop("_part_sizes")) for n, p in peers.items()}
@@ -487,7 +513,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for who, run_ in (("service", service), ("ceiling", ceiling)):
             if run_ is None:
                 continue
-            got_size, got_etag = _head(s3, run_["bucket"], run_["key"])
+            got_size, got_etag = run_.pop("_head")
             checks[who] = {
                 "size_ok": got_size == size,
                 "etag": got_etag,
@@ -496,7 +522,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "sha256_checked": bool(run_["sha256"]),
             }
         for name, plan in peer_plans.items():
-            got_size, got_etag = _head(s3, BUCKET, peers[name]["key"])
+            got_size, got_etag = peers[name].pop("_head")
             checks[name] = {
                 "size_ok": got_size == size,
                 "etag": got_etag,

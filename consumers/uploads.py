@@ -57,6 +57,10 @@ CONTENT_TYPE = "video/mp4"
 # behind by more than this could hide a write made just after the read.
 QUIET_NS = 3_000_000_000
 
+# The start of every checksum probe's scratch key, after S3_KEY_PREFIX (never
+# a stream's key: those are "<prefix><stream id>/...").
+PROBE_MARK = ".cefmp4-probe-"
+
 
 async def resolve_checksum(
     store: ObjectStore, mode: Mode, scratch_prefix: str
@@ -67,19 +71,30 @@ async def resolve_checksum(
     the store verifies end to end, else the signed SHA-256 if the store
     verifies that, else MD5. A forced sha256 is probed too, since a store
     that does not check signed payloads takes the parts unverified instead
-    of refusing them: why goes in the list, for a warning."""
+    of refusing them: why goes in the list, for a warning.
+
+    First it clears what earlier probes left under their scratch prefix: a
+    process killed between a probe's write and its cleanup leaves an object
+    or an upload there that nothing else would ever remove. (A replica
+    probing at the same moment may see its probe object vanish; that probe
+    then reports a failure and it takes the next checksum that verifies, a
+    cost, never a wrong check.)"""
+    scratch = f"{scratch_prefix}{PROBE_MARK}"
+    cleared = await store.clear_scratch(scratch)
+    if cleared:
+        log.info("removed what an earlier checksum probe left", prefix=scratch, count=cleared)
     if mode == "sha256":
-        why = await store.probe_signed_payload(f"{scratch_prefix}.cefmp4-probe-{uuid.uuid4().hex}")
+        why = await store.probe_signed_payload(f"{scratch}{uuid.uuid4().hex}")
         return mode, [] if why is None else [f"sha256: {why}"]
     if mode != "auto":
         return mode, []
     refused: list[str] = []
     for crc in checksums.CRCS:
-        why = await store.probe_checksum(crc, f"{scratch_prefix}.cefmp4-probe-{uuid.uuid4().hex}")
+        why = await store.probe_checksum(crc, f"{scratch}{uuid.uuid4().hex}")
         if why is None:
             return crc, refused
         refused.append(f"{crc}: {why}")
-    why = await store.probe_signed_payload(f"{scratch_prefix}.cefmp4-probe-{uuid.uuid4().hex}")
+    why = await store.probe_signed_payload(f"{scratch}{uuid.uuid4().hex}")
     if why is None:
         return "sha256", refused
     refused.append(f"sha256: {why}")

@@ -42,7 +42,7 @@ from cefmp4.dev.localservers import S3Endpoint, make_s3_client
 from cefmp4.domain.config import Config
 from cefmp4.domain.events import PartUploaded, UploadStarted
 from cefmp4.ops.doctor import checksum_check, probe_s3
-from consumers.uploads import resolve_checksum
+from consumers.uploads import PROBE_MARK, resolve_checksum
 from tests import mp4gen
 from tests.faultproxy import FaultProxy
 from tests.harness import MiB, log_only, running
@@ -456,6 +456,19 @@ async def test_auto_comes_to_sha256_where_only_signatures_are_checked(
     assert algorithm == "sha256"
     assert [r.split(":")[0] for r in refused] == ["crc64nvme", "crc32c"]
     assert "wrong" in refused[0]  # it took a wrong CRC: not verified
+
+
+@pytest.mark.parametrize("mode", ["auto", "sha256", "md5"])
+async def test_what_a_killed_probe_left_is_cleared_before_probing(mode: str) -> None:
+    # A process killed between a probe's write and its cleanup (the kill -9
+    # test found one) leaves a scratch object or upload nothing else removes.
+    store = MemoryStore()
+    await store.put_object(f"p/{PROBE_MARK}dead", b"probe", "", "application/octet-stream")
+    await store.create_multipart(f"p/{PROBE_MARK}dead2", "application/octet-stream")
+    await store.put_object("p/1/a.mp4", b"video", "", "video/mp4")
+    await resolve_checksum(store, mode, "p/")  # type: ignore[arg-type]
+    assert await store.list_keys("p/") == ["p/1/a.mp4"]
+    assert await store.list_uploads("p/") == []
 
 
 class IgnoresSignatures(MemoryStore):

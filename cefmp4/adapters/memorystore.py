@@ -195,6 +195,17 @@ class MemoryStore:
         await asyncio.sleep(0)
         return None  # it verifies every CRC it is given, like S3
 
+    async def clear_scratch(self, prefix: str) -> int:
+        await asyncio.sleep(0)
+        keys = [k for k in self._objects if k.startswith(prefix)]
+        uploads = [i for i, u in self._uploads.items() if u.key.startswith(prefix)]
+        for key in keys:
+            del self._objects[key]
+            self._checksums.pop(key, None)
+        for upload_id in uploads:
+            del self._uploads[upload_id]
+        return len(keys) + len(uploads)
+
     async def probe_signed_payload(self, scratch_key: str) -> str | None:
         await asyncio.sleep(0)
         return None  # it checks every payload_sha256 it is given, like the JuiceFS gateway

@@ -541,6 +541,22 @@ class S3Store:
         finally:
             await self._clean_probe(scratch_key, upload_id, completed)
 
+    async def clear_scratch(self, prefix: str) -> int:
+        if not prefix:
+            raise ValueError("clear_scratch needs a prefix: it deletes what starts with it")
+        gone = 0
+        for key in await self.list_keys(prefix):
+            await self._delete(key)  # a missing key is no error: idempotent as it is
+            gone += 1
+        for upload in await self.list_uploads(prefix):
+            with contextlib.suppress(NoSuchUpload):
+                await self.abort_multipart(upload.key, upload.upload_id)
+                gone += 1
+        return gone
+
+    async def _delete(self, key: str) -> None:
+        await self._call(lambda: self._s3.delete_object(Bucket=self.bucket, Key=key))
+
     async def probe_signed_payload(self, scratch_key: str) -> str | None:
         body = b"cefmp4 signed payload probe\n" * 64
         right = checksums.sha256_hex(body)
@@ -563,16 +579,14 @@ class S3Store:
             return None
         finally:
             with contextlib.suppress(CefError):
-                await self._call(
-                    lambda: self._s3.delete_object(Bucket=self.bucket, Key=scratch_key)
-                )
+                await self._delete(scratch_key)
 
     async def _clean_probe(self, key: str, upload_id: str, completed: bool) -> None:
         """The probe's object or upload goes, and any other upload of its key
         (a create retried after its answer was lost made a second one)."""
         with contextlib.suppress(CefError):
             if completed:
-                await self._call(lambda: self._s3.delete_object(Bucket=self.bucket, Key=key))
+                await self._delete(key)
             else:
                 await self.abort_multipart(key, upload_id)
         with contextlib.suppress(CefError):

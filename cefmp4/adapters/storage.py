@@ -202,6 +202,14 @@ class ObjectStore(Protocol):
         even after a lost answer. Outages raise as for any call."""
         ...
 
+    async def clear_scratch(self, prefix: str) -> int:
+        """Delete every object and abort every upload whose key starts with
+        ``prefix`` (a probe's scratch keys: a process killed between a probe's
+        write and its cleanup leaves them); returns how many went. Idempotent:
+        something already gone is not an error. Nothing outside ``prefix`` is
+        touched."""
+        ...
+
     async def probe_signed_payload(self, scratch_key: str) -> str | None:
         """None when the store verifies a signed payload's SHA-256: a
         ``put_object`` at ``scratch_key`` whose bytes differ from the signed

@@ -54,7 +54,7 @@ from cefmp4.adapters.s3store import S3Store
 from cefmp4.domain.config import Config
 from cefmp4.domain.errors import CefError
 from consumers.deps import utcnow
-from consumers.uploads import resolve_checksum
+from consumers.uploads import PROBE_MARK, resolve_checksum
 
 Level = Literal["ok", "warn", "fail"]
 
@@ -290,11 +290,10 @@ async def probe_checksum(config: Config, client: Any, seconds: float) -> Check:
         if checksums.is_crc(mode):  # forced: is it one the store verifies?
             crc = checksums.as_crc(mode)
             assert crc is not None
-            why = await store.probe_checksum(crc, scratch + secrets.token_hex(8))
+            await store.clear_scratch(f"{scratch}{PROBE_MARK}")  # a killed doctor's
+            why = await store.probe_checksum(crc, f"{scratch}{PROBE_MARK}{secrets.token_hex(8)}")
             return checksum_check(mode, mode, [] if why is None else [why])
-        if mode == "sha256":  # forced: does the store check what is signed?
-            why = await store.probe_signed_payload(scratch + secrets.token_hex(8))
-            return checksum_check(mode, mode, [] if why is None else [why])
+        # auto, and a forced sha256 (probed: a store may take it unchecked).
         algorithm, refused = await resolve_checksum(store, mode, scratch)
     except CefError as exc:
         return Check("s3 checksum", "warn", f"cannot check: {exc}")

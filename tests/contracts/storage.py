@@ -391,6 +391,21 @@ class StorageContract:
         assert await store.list_uploads("probe/") == []
         assert await store.list_keys("probe/") == []
 
+    async def test_clear_scratch_removes_objects_and_uploads_under_the_prefix_only(
+        self, store: ObjectStore
+    ) -> None:
+        await store.put_object("s/.probe-1", b"left", "", "text/plain")
+        upload_id = await store.create_multipart("s/.probe-2", "video/mp4")
+        await store.put_object("s/.probf", b"kept", "", "text/plain")  # another prefix
+        kept_upload = await store.create_multipart("s/1/a.mp4", "video/mp4")
+        assert await store.clear_scratch("s/.probe-") == 2
+        assert await store.list_keys("s/") == ["s/.probf"]
+        assert [u.upload_id for u in await store.list_uploads("s/")] == [kept_upload]
+        with pytest.raises(NoSuchUpload):
+            await store.list_parts("s/.probe-2", upload_id)
+        assert await store.clear_scratch("s/.probe-") == 0  # idempotent
+        await store.abort_multipart("s/1/a.mp4", kept_upload)
+
     async def test_signed_payload_probe_says_what_the_store_does_and_leaves_nothing(
         self, store: ObjectStore
     ) -> None:

@@ -173,8 +173,10 @@ def translate(exc: BaseException) -> Exception:
 # view, is what the transport keeps (Python >= 3.12 queues what it is given
 # without copying), so a part's buffer can be lent again the moment its
 # request ends, even if the connection still flushes. Small enough that the
-# copies in flight stay a rounding error next to the parts themselves.
-WRITE_CHUNK = 256 * 1024
+# copies in flight stay a rounding error next to the parts themselves: 128 KiB
+# peaked 2 MiB lower than 256 KiB in the throughput bench, at the same CPU
+# per GiB (64 KiB and 1 MiB were no better).
+WRITE_CHUNK = 128 * 1024
 
 
 class PartBody(aiohttp.payload.Payload):

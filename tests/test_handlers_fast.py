@@ -394,16 +394,31 @@ async def test_other_completions_are_verified_with_a_head(
     assert completed(world).size == size and store.heads == heads
 
 
-class RecordsContentMd5(MemoryStore):
+class RecordsIntegrity(MemoryStore):
+    """Records what each UploadPart carried to prove its body: (part number,
+    Content-MD5) in ``content_md5``, (part number, signed SHA-256) in ``signed``."""
+
     def __init__(self, bucket: str, *, min_part_size: int) -> None:
         super().__init__(bucket, min_part_size=min_part_size)
         self.content_md5: list[tuple[int, str]] = []
+        self.signed: list[tuple[int, str]] = []
 
     async def upload_part(
         self, key: str, upload_id: str, number: int, body: Any, md5_b64: str, **kw: Any
     ) -> str:
         self.content_md5.append((number, md5_b64))
+        self.signed.append((number, kw.get("payload_sha256", "")))
         return await super().upload_part(key, upload_id, number, body, md5_b64, **kw)
+
+
+async def recorded_with(tmp_path: Path, mode: str) -> tuple[RecordsIntegrity, World, bytearray]:
+    """A recording of three whole parts and a tail, in ``mode``, on a store
+    that records what proved each part."""
+    store = RecordsIntegrity("bucket", min_part_size=C)
+    world = make_world(tmp_path, store, MemoryLeases(MemoryEventLog()), s3_checksum=mode)
+    data = bytearray(os.urandom(3 * C + C // 5))
+    await record(world, bytes(data))
+    return store, world, data
 
 
 async def test_md5_mode_rechecks_by_a_local_crc_and_resends_with_content_md5(
@@ -413,10 +428,7 @@ async def test_md5_mode_rechecks_by_a_local_crc_and_resends_with_content_md5(
     # gateway): the finalizer's re-read of the parts sent while the file grew
     # compares the CRC recorded with each, not a second MD5; the one part the
     # recorder patched is sent again with its new Content-MD5.
-    store = RecordsContentMd5("bucket", min_part_size=C)
-    world = make_world(tmp_path, store, MemoryLeases(MemoryEventLog()), s3_checksum="md5")
-    data = bytearray(os.urandom(3 * C + C // 5))
-    await record(world, bytes(data))
+    store, world, data = await recorded_with(tmp_path, "md5")
     await world.send_parts(1, 2, 3)
     sent = [e for e in world.of(PartUploaded) if isinstance(e, PartUploaded)]
     assert all(e.checksum == "" and e.crc.startswith("crc64nvme:") for e in sent)
@@ -491,18 +503,6 @@ async def test_a_cancelled_read_keeps_its_buffer_until_the_thread_is_done(
     assert world.uploads.buffers.lent == 0
 
 
-class RecordsSignedDigests(MemoryStore):
-    def __init__(self, bucket: str, *, min_part_size: int) -> None:
-        super().__init__(bucket, min_part_size=min_part_size)
-        self.signed: list[tuple[int, str]] = []
-
-    async def upload_part(
-        self, key: str, upload_id: str, number: int, body: Any, md5_b64: str, **kw: Any
-    ) -> str:
-        self.signed.append((number, kw.get("payload_sha256", "")))
-        return await super().upload_part(key, upload_id, number, body, md5_b64, **kw)
-
-
 async def test_sha256_mode_signs_each_send_with_the_digest_read_with_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -510,10 +510,7 @@ async def test_sha256_mode_signs_each_send_with_the_digest_read_with_it(
     # JuiceFS gateway; MemoryStore refuses a digest that is not the body's):
     # each part's SHA-256 is computed once, in the thread that read it, and
     # the part the recorder patched goes again with the new one.
-    store = RecordsSignedDigests("bucket", min_part_size=C)
-    world = make_world(tmp_path, store, MemoryLeases(MemoryEventLog()), s3_checksum="sha256")
-    data = bytearray(os.urandom(3 * C + C // 5))
-    await record(world, bytes(data))
+    store, world, data = await recorded_with(tmp_path, "sha256")
     hashed: list[int] = []
     callers: list[str] = []
     real = checksums.sha256_hex

@@ -37,9 +37,11 @@ from typing import Literal
 
 from awscrt import checksums as crt
 
+from cefmp4.domain.config import ChecksumMode
+
 # What the digests read: a part in a reused buffer is a memoryview of it.
 Bytes = bytes | bytearray | memoryview
-Mode = Literal["auto", "crc64nvme", "crc32c", "sha256", "md5", "none"]
+Mode = ChecksumMode  # S3_CHECKSUM's values, as the config parses them
 Algorithm = Literal["crc64nvme", "crc32c", "sha256", "md5", "none"]
 Crc = Literal["crc64nvme", "crc32c"]
 CRCS: tuple[Crc, ...] = ("crc64nvme", "crc32c")  # ``auto`` tries them in this order

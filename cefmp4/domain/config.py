@@ -49,6 +49,10 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 MAX_KEY_PREFIX_BYTES = 400
 
 
+# S3_CHECKSUM's values (cefmp4.adapters.checksums does the arithmetic of each).
+ChecksumMode = Literal["auto", "crc64nvme", "crc32c", "sha256", "md5", "none"]
+
+
 class Config(
     msgspec.Struct, frozen=True, kw_only=True, rename="upper", forbid_unknown_fields=False
 ):
@@ -80,7 +84,7 @@ class Config(
     # signature, for stores that check signatures only), ``md5`` (Content-MD5),
     # ``none``; ``auto`` probes the store once at start (crc64nvme, crc32c,
     # sha256) and falls back to md5.
-    s3_checksum: Literal["auto", "crc64nvme", "crc32c", "sha256", "md5", "none"] = "auto"
+    s3_checksum: ChecksumMode = "auto"
     # Also hash every file with SHA-256 (into StreamCompleted and the sidecar):
     # one more full pass over the bytes; the server-verified full-object
     # checksum in the sidecar already proves the object.

@@ -141,7 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--s3", choices=("juicefs", "seaweedfs"), default="juicefs",
         help="the S3 server: the JuiceFS gateway (fastest here; verifies no checksum "
-        "header, so the service sends Content-MD5) or SeaweedFS (verifies CRC64NVME)",
+        "header but signed payloads, so the service signs each part's SHA-256) or "
+        "SeaweedFS (verifies CRC64NVME)",
     )  # fmt: skip
     p.add_argument(
         "--peers", type=_peer_list, default=list(PEERS), metavar="LIST",
@@ -488,7 +489,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args, tmp, rds, endpoint, gateway_pid, staging / NAME, size,
                 label="service", bucket=BUCKET, extra_env=args.service_env, profile=args.profile,
             )  # fmt: skip
-            service["_head"] = _head(s3, BUCKET, service["key"])
+            heads = {"service": _head(s3, BUCKET, service["key"])}
         path = tmp / "service-watch" / NAME
         ceiling = None
         if not args.no_ceiling:
@@ -498,13 +499,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     label="ceiling", bucket=BUCKET,
                     extra_env=[*args.service_env, *args.ceiling_env], profile=False,
                 )  # fmt: skip
-                ceiling["_head"] = _head(s3, BUCKET, ceiling["key"])
+                heads["ceiling"] = _head(s3, BUCKET, ceiling["key"])
             path = tmp / "ceiling-watch" / NAME
         peers = {}
         for name in args.peers:
             with _fresh_server(args.s3, tmp, name) as (endpoint, gateway_pid, s3):
                 peers[name] = _peer_phase(name, args, tmp, endpoint, gateway_pid, path)
-                peers[name]["_head"] = _head(s3, BUCKET, peers[name]["key"])
+                heads[name] = _head(s3, BUCKET, peers[name]["key"])
 
         service_plan = PartHasher([sp.size for sp in final_parts(size, chunk)])
         peer_plans = {n: PartHasher(p.pop("_part_sizes")) for n, p in peers.items()}
@@ -513,7 +514,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for who, run_ in (("service", service), ("ceiling", ceiling)):
             if run_ is None:
                 continue
-            got_size, got_etag = run_.pop("_head")
+            got_size, got_etag = heads[who]
             checks[who] = {
                 "size_ok": got_size == size,
                 "etag": got_etag,
@@ -522,7 +523,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "sha256_checked": bool(run_["sha256"]),
             }
         for name, plan in peer_plans.items():
-            got_size, got_etag = peers[name].pop("_head")
+            got_size, got_etag = heads[name]
             checks[name] = {
                 "size_ok": got_size == size,
                 "etag": got_etag,

@@ -25,6 +25,7 @@ from cefmp4.adapters.blocked import Blocked, blocked_wait
 from cefmp4.adapters.metrics import Metrics
 from cefmp4.adapters.s3store import (
     MIN_THROUGHPUT_BYTES_PER_SECOND,
+    SPECIAL_CODES,
     S3Store,
     boto_config,
     request_timeout,
@@ -85,9 +86,11 @@ def test_missing_credentials_are_blocked() -> None:
     assert isinstance(err, DeploymentBlocked) and err.cause == "credentials"
 
 
+# Hypothesis also draws the string constants of the code under test, so every
+# code translate() treats on its own is left out by the module's own list.
 _OTHER_CODES = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", min_size=3).filter(
-    lambda c: c not in BLOCKED and c not in ("NoSuchUpload", "InvalidPart", "Throttling")
-    and c != "SlowDown" and not c.startswith(("Internal", "Service", "Request", "Operation"))
+    lambda c: c not in BLOCKED and c not in SPECIAL_CODES
+    and not c.startswith(("Internal", "Service", "Request", "Operation"))
 )  # fmt: skip
 
 

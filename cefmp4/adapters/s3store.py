@@ -98,6 +98,14 @@ _BLOCKED_CODES: dict[str, BlockCause] = {
     "NoSuchBucket": "no_bucket",
 }
 
+# A body that did not arrive as it was hashed (CRC / Content-MD5, signed SHA-256).
+_DAMAGE_CODES = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
+# Every code translate() gives a kind or reason of its own; any other 4xx is a
+# PermanentError("s3_rejected").
+SPECIAL_CODES = frozenset(
+    {"NoSuchUpload", "NoSuchKey", "InvalidPart", *_DAMAGE_CODES, *_TRANSIENT_CODES, *_BLOCKED_CODES}
+)
+
 # A floor on the throughput we wait for: a request with a body gets
 # S3_TIMEOUT_SECONDS plus the time this rate needs for it (a 5 MiB part +20 s,
 # a 5 GiB part ~5.7 h). A slower link than this is treated as stalled.
@@ -143,7 +151,7 @@ def translate(exc: BaseException) -> Exception:
             return NoSuchUpload(message)
         if code == "NoSuchKey":
             return NoSuchKey(message)
-        if code in ("BadDigest", "XAmzContentSHA256Mismatch"):
+        if code in _DAMAGE_CODES:
             return Damaged(message)
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return TransientError(message)

@@ -13,7 +13,9 @@ from cefmp4.adapters.metrics import Metrics
 from cefmp4.adapters.storage import ObjectStore
 from cefmp4.domain.config import Config
 from cefmp4.domain.events import Event
+from cefmp4.domain.partplan import PartPlan
 from projections.live import LiveProjection
+from projections.streams import StreamState
 
 
 def utcnow() -> datetime:
@@ -40,6 +42,11 @@ class Deps:
     stream_leases: StreamLeases
     metrics: Metrics
     now: Callable[[], datetime] = utcnow
+
+    def plan_of(self, s: StreamState) -> PartPlan:
+        """How ``s``'s file is cut into parts: the plan its FileSeen recorded,
+        or for a stream seen before plans were recorded, CHUNK_SIZE_BYTES."""
+        return s.plan or self.config.unrecorded_plan
 
     async def emit(self, event: Event, fence: Fence | None = None) -> str:
         """Append ``event``; through ``fence`` when it is about a stream this

@@ -126,16 +126,16 @@ class Finalizer:
 
     async def _finalize(self, s: StreamState, idle: StreamIdle, fence: Fence) -> None:
         current = self._unchanged(s, idle)
-        chunk = self._deps.config.chunk_size_bytes
+        plan = self._deps.plan_of(s)
         if current.size == 0:
             raise StreamEnded("empty", "the file stayed empty until the idle timeout")
-        check_size(current.size, chunk)
-        if s.upload_id is None and fits_single_put(current.size, chunk):
+        check_size(current.size, plan)
+        if s.upload_id is None and fits_single_put(current.size, plan):
             etag, sha256, checksum = await self._put_small(s, idle)
             parts = 0
         else:
             etag, sha256, parts, checksum = await self._complete_multipart(
-                s, idle, final_parts(current.size, chunk), fence
+                s, idle, final_parts(current.size, plan), fence
             )
         if parts == 0 and checksum and self._deps.config.s3_checksum == "auto":
             # One PutObject whose CRC the store verified on the very bytes it

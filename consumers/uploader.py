@@ -59,9 +59,9 @@ class Uploader:
         current = files.stat(s.path)
         if current is None or current.inode != s.inode:
             return  # the watcher reports what happened to the path
-        chunk = self._deps.config.chunk_size_bytes
-        check_size(current.size, chunk)  # past 5 TiB it can never complete: stop now
-        spans = list(whole_parts(current.size, chunk))
+        plan = self._deps.plan_of(s)
+        check_size(current.size, plan)  # past 5 TiB it can never complete: stop now
+        spans = list(whole_parts(current.size, plan))
         if not spans or all(matches(s.parts.get(sp.number), sp) for sp in spans):
             return
         upload_id = await self._uploads.ensure_upload(s, fence)

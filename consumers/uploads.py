@@ -43,7 +43,7 @@ from cefmp4.adapters.storage import ObjectStore
 from cefmp4.domain.errors import NoSuchKey, NoSuchUpload, PermanentError, StreamEnded
 from cefmp4.domain.events import Continues, FailReason, PartUploaded, StreamFailed, UploadStarted
 from cefmp4.domain.filerules import FileStat
-from cefmp4.domain.partplan import Span, max_object_size, part_offset, part_size
+from cefmp4.domain.partplan import PartPlan, Span, max_object_size, part_offset, part_size
 from consumers.deps import Deps
 from projections.streams import Part, StreamState
 
@@ -168,10 +168,10 @@ def first_failure() -> Iterator[None]:
         raise group_error.exceptions[0] from None
 
 
-def check_size(size: int, chunk: int) -> None:
+def check_size(size: int, plan: PartPlan) -> None:
     """Raise ``StreamEnded("too_large")`` for a file that can never be one
     object, before a byte of it is read (the uploader and the finalizer both ask)."""
-    limit = max_object_size(chunk)
+    limit = max_object_size(plan)
     if size > limit:
         raise StreamEnded("too_large", f"{size} bytes exceed the object size limit {limit}")
 
@@ -183,7 +183,7 @@ def matches(part: Part | None, span: Span) -> bool:
 
 def unchanged_in(continues: Continues | None, span: Span, md5_hex: str) -> bool:
     """Whether the continued object holds exactly these bytes as the same part:
-    same span under its own plan (so a changed CHUNK_SIZE_BYTES copies
+    same span under its own plan (so a continuation cut differently copies
     nothing) and the MD5 it recorded for that part equals the local bytes'.
     The recorded MD5s are what the finalizer verified against the file before
     it completed that object, so this proves the copy without reading it."""
@@ -191,8 +191,9 @@ def unchanged_in(continues: Continues | None, span: Span, md5_hex: str) -> bool:
         return False
     if not 1 <= span.number <= len(continues.part_md5s):
         return False
-    offset = part_offset(span.number, continues.part_size)
-    size = min(part_size(span.number, continues.part_size), continues.size - offset)
+    plan = continues.plan()
+    offset = part_offset(span.number, plan)
+    size = min(part_size(span.number, plan), continues.size - offset)
     same_span = (offset, size) == (span.offset, span.size)
     return same_span and continues.part_md5s[span.number - 1] == md5_hex
 
@@ -372,7 +373,7 @@ class Uploads:
                 continue
             if known is not None:
                 del parts[rp.number]  # the log's part was replaced by a later send
-            offset = self._offset_of(rp.number)
+            offset = part_offset(rp.number, self._deps.plan_of(s))
             if offset + rp.size > file_size:
                 continue
             span = Span(rp.number, offset, rp.size)
@@ -404,9 +405,6 @@ class Uploads:
     def forget(self, s: StreamState) -> None:
         """Reconcile again on next use: the store disagreed with us."""
         self._reconciled = {k for k in self._reconciled if k[0] != s.stream_id}
-
-    def _offset_of(self, number: int) -> int:
-        return part_offset(number, self._deps.config.chunk_size_bytes)
 
     @staticmethod
     def _md5_from(etag: str) -> str:

@@ -61,7 +61,7 @@ from cefmp4.domain.events import (
     StreamIdle,
     UploadStarted,
 )
-from cefmp4.domain.partplan import capacity, final_parts
+from cefmp4.domain.partplan import PartPlan, capacity, final_parts
 
 Status = Literal["active", "idle", "completed", "failed"]
 TERMINAL: frozenset[Status] = frozenset({"completed", "failed"})
@@ -130,6 +130,9 @@ class StreamState(msgspec.Struct, frozen=True, gc=False):
     gone: Literal["deleted", "truncated"] | None = None
     metadata_key: str | None = None
     continues: Continues | None = None  # the completed object this file extends
+    # How the file is cut (FileSeen.plan); None for a stream seen before plans
+    # were recorded, cut by CHUNK_SIZE_BYTES (consumers.deps.Deps.plan_of).
+    plan: PartPlan | None = None
 
     @property
     def terminal(self) -> bool:
@@ -163,25 +166,30 @@ class FileRecord(msgspec.Struct, frozen=True, gc=False, array_like=True):
     inode: int
     failure_reason: str | None = None
     retry: bool = False  # ``cefmp4 retry`` asked for another attempt
-    # The completed multipart object's parts: their plan (part 1's size) and
-    # the 16-byte MD5 of each, concatenated in part order - one bytes object,
-    # not a string per part, because there is a record per file on disk.
-    # Empty for a single PutObject, a failed stream, or parts that do not
-    # tile the object (never expected; then nothing is copied).
+    # The completed multipart object's parts: their plan (part 1's size, and
+    # that of parts 2-1000 when it differs) and the 16-byte MD5 of each,
+    # concatenated in part order - one bytes object, not a string per part,
+    # because there is a record per file on disk. Empty for a single
+    # PutObject, a failed stream, or parts that do not tile the object
+    # (never expected; then nothing is copied). ``later_part_size`` is last
+    # and 0 when equal, so records of snapshots from before it read the same.
     part_size: int = 0
     part_md5s: bytes = b""
+    later_part_size: int = 0
 
     def continues(self) -> Continues:
         """What a stream that extends this recording's file continues."""
         md5s = self.part_md5s
         hexes = tuple(md5s[i : i + 16].hex() for i in range(0, len(md5s), 16))
-        return Continues(self.stream_id, self.key, self.size, self.part_size, hexes)
+        return Continues(
+            self.stream_id, self.key, self.size, self.part_size, hexes, self.later_part_size
+        )
 
 
 def record_of(s: StreamState) -> FileRecord:
     """The compact record of a terminal stream."""
     if s.completion is not None:
-        part_size, md5s = _object_parts(s, s.completion)
+        plan, md5s = _object_parts(s, s.completion)
         return FileRecord(
             s.stream_id,
             s.key,
@@ -189,36 +197,41 @@ def record_of(s: StreamState) -> FileRecord:
             s.completion.size,
             s.completion.mtime_ns,
             s.inode,
-            part_size=part_size,
+            part_size=plan.first if plan else 0,
             part_md5s=md5s,
+            later_part_size=plan.rest if plan and plan.rest != plan.first else 0,
         )
     return FileRecord(s.stream_id, s.key, "failed", s.size, s.mtime_ns, s.inode, s.failure_reason)
 
 
-def _object_parts(s: StreamState, c: Completion) -> tuple[int, bytes]:
+def _object_parts(s: StreamState, c: Completion) -> tuple[PartPlan | None, bytes]:
     """The completed object's part plan and packed part MD5s, from the parts
     the stream recorded. Total: anything that is not exactly the object's
     layout (which the finalizer verified part by part before completing)
-    gives nothing, and a continuation then sends every part."""
+    gives nothing, and a continuation then sends every part. A stream that
+    recorded no plan was cut into parts of one size, which part 1 shows."""
     first = s.parts.get(1)
-    if c.parts == 0 or first is None or first.size < 1 or c.size > capacity(first.size):
-        return 0, b""
-    spans = final_parts(c.size, first.size)
+    if c.parts == 0 or first is None or first.size < 1:
+        return None, b""
+    plan = s.plan or PartPlan.uniform(first.size)
+    if plan.first != first.size or c.size > capacity(plan):
+        return None, b""
+    spans = final_parts(c.size, plan)
     if len(spans) != c.parts:
-        return 0, b""
+        return None, b""
     digests = []
     for span in spans:
         p = s.parts.get(span.number)
         if p is None or (p.offset, p.size) != (span.offset, span.size):
-            return 0, b""
+            return None, b""
         try:
             digest = bytes.fromhex(p.md5)
         except ValueError:
-            return 0, b""
+            return None, b""
         if len(digest) != 16:
-            return 0, b""
+            return None, b""
         digests.append(digest)
-    return first.size, b"".join(digests)
+    return plan, b"".join(digests)
 
 
 def fold(state: StreamState | None, event: Event) -> StreamState | None:
@@ -246,6 +259,7 @@ def _started(event: FileSeen) -> StreamState:
         size=event.size,
         mtime_ns=event.mtime_ns,
         continues=event.continues,
+        plan=event.plan,
     )
 
 

@@ -24,7 +24,7 @@ from cefmp4.adapters import environment
 from cefmp4.adapters.environment import load
 from cefmp4.domain.config import Config, is_host
 from cefmp4.domain.errors import ConfigError
-from cefmp4.domain.partplan import MIN_PART_SIZE
+from cefmp4.domain.partplan import MIN_PART_SIZE, PartPlan
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -132,6 +132,8 @@ def test_empty_string_means_unset(tmp_path: Path) -> None:
         ("CHUNK_SIZE_BYTES", str(MIN_PART_SIZE - 1)),  # S3 rejects parts below 5 MiB
         ("CHUNK_SIZE_BYTES", "1"),
         ("CHUNK_SIZE_BYTES", "ten"),
+        ("FIRST_PART_BYTES", str(MIN_PART_SIZE - 1)),
+        ("LARGE_PART_BYTES", str(MIN_PART_SIZE - 1)),
         ("WATCH_POLL", "maybe"),
         ("LOG_LEVEL", "loud"),
         ("MAX_CONCURRENT_STREAMS", "0"),
@@ -154,6 +156,14 @@ def test_bad_value_in_env_file_is_reported_too(tmp_path: Path) -> None:
     env_file = write_env(tmp_path, "MAX_CONCURRENT_STREAMS=0\n")
     with pytest.raises(ConfigError, match=r"^MAX_CONCURRENT_STREAMS"):
         load({}, env_file)
+
+
+def test_the_part_plan_settings() -> None:
+    config = load({"FIRST_PART_BYTES": str(6 * MiB), "LARGE_PART_BYTES": str(64 * MiB)}, None)
+    assert config.plan_at_sight(0) == PartPlan(6 * MiB, 10 * MiB)
+    assert config.plan_at_sight(4096 * MiB) == PartPlan(6 * MiB, 64 * MiB)
+    assert Config().plan_at_sight(0) == PartPlan(5 * MiB, 10 * MiB)  # the defaults
+    assert Config().unrecorded_plan == PartPlan(10 * MiB, 10 * MiB)
 
 
 def test_minimum_chunk_size_is_accepted() -> None:

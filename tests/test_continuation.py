@@ -27,7 +27,7 @@ import pytest
 
 from cefmp4.adapters import checksums
 from cefmp4.domain.events import Continues, StreamCompleted
-from cefmp4.domain.partplan import Span, final_parts
+from cefmp4.domain.partplan import PartPlan, Span, final_parts
 from consumers.metadata import Probe, checksum_field, sidecar
 from consumers.uploads import unchanged_in
 from projections.streams import Completion, Part, StreamState
@@ -68,10 +68,10 @@ async def _continuation_done(h: Harness, path: Path, first: StreamState) -> Stre
 
 def _unchanged_parts(old: bytes, new: bytes) -> list[int]:
     """Parts of ``new``'s plan that ``old``'s plan has with the same bytes."""
-    earlier = {(sp.offset, sp.size) for sp in final_parts(len(old), CHUNK)}
+    earlier = {(sp.offset, sp.size) for sp in final_parts(len(old), PartPlan.uniform(CHUNK))}
     return [
         sp.number
-        for sp in final_parts(len(new), CHUNK)
+        for sp in final_parts(len(new), PartPlan.uniform(CHUNK))
         if (sp.offset, sp.size) in earlier and old[sp.offset : sp.end] == new[sp.offset : sp.end]
     ]
 

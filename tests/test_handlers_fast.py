@@ -46,7 +46,7 @@ from cefmp4.domain.events import (
     StreamIdle,
     UploadStarted,
 )
-from cefmp4.domain.partplan import Span
+from cefmp4.domain.partplan import PartPlan, Span, whole_parts
 from consumers.deps import Deps
 from consumers.finalizer import Finalizer
 from consumers.metadata import MetadataWriter
@@ -138,8 +138,9 @@ def world(tmp_path: Path) -> World:
     )
 
 
-async def record(world: World, data: bytes) -> None:
-    """The recording is on disk and the watcher has seen it."""
+async def record(world: World, data: bytes, plan: PartPlan | None = None) -> None:
+    """The recording is on disk and the watcher has seen it (with no plan:
+    as before plans were recorded, cut by the config's chunk size)."""
     world.path.write_bytes(data)
     st = world.path.stat()
     await world.log.append(
@@ -153,6 +154,7 @@ async def record(world: World, data: bytes) -> None:
             size=st.st_size,
             mtime_ns=st.st_mtime_ns,
             inode=st.st_ino,
+            plan=plan,
         )
     )
 
@@ -189,6 +191,29 @@ async def test_a_large_file_is_completed_from_its_parts(world: World) -> None:
     assert done.parts == 3 and done.etag == multipart_etag([p.etag for p in parts])
     assert await world.store.get_object(KEY) == data
     assert await world.store.list_uploads("") == []
+
+
+async def test_a_recorded_plan_cuts_the_file_not_the_chunk_size(world: World) -> None:
+    """Part 1 of C and later parts of 2C, as FileSeen recorded, while the
+    config says C: the object is the file, and a patched part 1 is the only
+    part sent again (the resend a small part 1 keeps small)."""
+    plan = PartPlan(C, 2 * C)
+    data = bytearray(os.urandom(C + 2 * 2 * C + C // 3))
+    await record(world, bytes(data), plan)
+    s = await world.state()
+    async with world.guard.hold(STREAM) as fence:
+        f = cast(Fence, fence)
+        upload_id = await world.uploads.ensure_upload(s, f)
+        s = await world.state()
+        await world.uploads.send(s, upload_id, list(whole_parts(len(data), plan)), "growing", f)
+    data[40:44] = b"\x00\x00\x10\x00"  # the recorder rewrites the mdat size at the end
+    world.path.write_bytes(bytes(data))
+    await world.finalizer.handle(await world.idle())
+    sent = [(e.part_number, e.offset, e.size) for e in world.of(PartUploaded)
+            if isinstance(e, PartUploaded)]  # fmt: skip
+    assert sorted(sent) == [(1, 0, C), (1, 0, C), (2, C, 2 * C), (3, 3 * C, 2 * C),
+                            (4, 5 * C, C // 3)]  # fmt: skip
+    assert completed(world).parts == 4 and await world.store.get_object(KEY) == bytes(data)
 
 
 async def test_a_second_delivery_does_nothing(world: World) -> None:

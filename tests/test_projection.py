@@ -35,7 +35,7 @@ from cefmp4.domain.events import (
     StreamIdle,
     UploadStarted,
 )
-from cefmp4.domain.partplan import final_parts
+from cefmp4.domain.partplan import PartPlan, final_parts
 from projections.streams import (
     STEPS,
     Completion,
@@ -486,14 +486,17 @@ md5_hexes = st.binary(min_size=16, max_size=16).map(bytes.hex)
 
 
 @st.composite
-def completed_multipart(draw: st.DrawFn) -> tuple[StreamState, int, bool]:
+def completed_multipart(draw: st.DrawFn) -> tuple[StreamState, PartPlan, bool]:
     """A completed stream whose parts are its object's layout, or - now and
     then - miss one or cover other bytes (which the record must not trust)."""
-    chunk = draw(st.integers(1, 8))
-    size = draw(st.integers(chunk, chunk * 6))
+    first, rest = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    # None: a stream seen before plans were recorded, cut uniformly.
+    recorded = draw(st.sampled_from([PartPlan(first, rest), None]))
+    plan = recorded or PartPlan.uniform(first)
+    size = draw(st.integers(first, first + rest * 6))
     parts: dict[int, Part] = {}
     exact = True
-    for span in final_parts(size, chunk):
+    for span in final_parts(size, plan):
         flaw = draw(st.sampled_from(["", "", "", "", "missing", "other bytes"]))
         exact = exact and not flaw
         if flaw != "missing":
@@ -501,25 +504,27 @@ def completed_multipart(draw: st.DrawFn) -> tuple[StreamState, int, bool]:
             parts[span.number] = Part(
                 span.number, span.offset, span.size + extra, "etag", draw(md5_hexes), T0
             )
-    completion = Completion(size, 1, "e", "h", len(final_parts(size, chunk)), "complete", "", T0)
+    completion = Completion(size, 1, "e", "h", len(final_parts(size, plan)), "complete", "", T0)
     state = StreamState(
         "s1", "/w/a.mp4", "a.mp4", "b", "k/s1", 1, T0, "completed",
-        parts=parts, completion=completion,
+        parts=parts, completion=completion, plan=recorded,
     )  # fmt: skip
-    return state, chunk, exact
+    return state, plan, exact
 
 
 @PROPERTY
 @given(case=completed_multipart())
 def test_record_keeps_the_part_md5s_of_the_completed_object(
-    case: tuple[StreamState, int, bool],
+    case: tuple[StreamState, PartPlan, bool],
 ) -> None:
-    state, chunk, exact = case
+    state, plan, exact = case
     assert state.completion is not None
     record = record_of(state)
     if exact:
         md5s = tuple(state.parts[n].md5 for n in sorted(state.parts))
-        assert record.continues() == Continues("s1", "k/s1", state.completion.size, chunk, md5s)
+        later = plan.rest if plan.rest != plan.first else 0
+        expected = Continues("s1", "k/s1", state.completion.size, plan.first, md5s, later)
+        assert record.continues() == expected and record.continues().plan() == plan
         assert len(record.part_md5s) == 16 * len(md5s)  # packed: 16 bytes a part
     else:
         assert (record.part_size, record.part_md5s) == (0, b"")

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 
 from cefmp4.domain.config import Config
 from cefmp4.domain.events import PartUploaded
-from cefmp4.domain.partplan import whole_parts
+from cefmp4.domain.partplan import PartPlan, whole_parts
 from tests.gateproxy import GateProxy
 from tests.harness import MiB, ServiceProcess, log_only
 
@@ -162,7 +162,8 @@ async def test_sigterm_mid_part_finishes_it_and_acknowledges_only_what_completed
         if kind not in ("FileSeen", "BytesAvailable") or _after(entry_id.decode(), delivered):
             continue
         size = json.loads(fields[b"data"])["size"]
-        done = all(n in state.parts for n in (s.number for s in whole_parts(size, 5 * MiB)))
+        plan = state.plan or PartPlan.uniform(5 * MiB)
+        done = all(n in state.parts for n in (s.number for s in whole_parts(size, plan)))
         acked = entry_id.decode() not in pending_ids
         assert acked == done, (kind, size, acked, sorted(state.parts))
     assert pending["finalizers"] == [] and pending["metadata"] == []

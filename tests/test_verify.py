@@ -28,7 +28,7 @@ from cefmp4.adapters.checksums import multipart_etag
 from cefmp4.adapters.eventlog import EventLog
 from cefmp4.adapters.storage import ObjectInfo
 from cefmp4.domain.config import Config
-from cefmp4.domain.partplan import final_parts
+from cefmp4.domain.partplan import PartPlan, final_parts
 from cefmp4.ops.verifycli import Expected, FileDigest, digest_file, exit_code, judge
 from cefmp4.runtime.service import connect
 from tests import mp4gen
@@ -80,22 +80,27 @@ def test_what_cannot_be_checked_is_unchecked_and_a_difference_wins() -> None:
 
 
 @settings(max_examples=examples(40), deadline=None)
-@given(st.binary(min_size=1, max_size=5000), st.integers(min_value=64, max_value=700))
-def test_the_file_etag_is_s3s(tmp_path_factory: Any, data: bytes, chunk: int) -> None:
+@given(
+    st.binary(min_size=1, max_size=5000),
+    st.integers(min_value=64, max_value=700),
+    st.integers(min_value=64, max_value=700),
+)
+def test_the_file_etag_is_s3s(tmp_path_factory: Any, data: bytes, first: int, rest: int) -> None:
+    plan = PartPlan(first, rest)
     path = tmp_path_factory.mktemp("etag") / "f.mp4"
     path.write_bytes(data)
-    single = digest_file(str(path), 0, chunk, sha256=True)
+    single = digest_file(str(path), 0, plan, sha256=True)
     assert single is not None
     assert single.etag == hashlib.md5(data).hexdigest()
     assert single.sha256 == hashlib.sha256(data).hexdigest()
-    spans = final_parts(len(data), chunk)
-    multi = digest_file(str(path), len(spans), chunk, sha256=False)
+    spans = final_parts(len(data), plan)
+    multi = digest_file(str(path), len(spans), plan, sha256=False)
     md5s = [hashlib.md5(data[s.offset : s.end]).hexdigest() for s in spans]
     assert multi is not None and multi.etag == multipart_etag(md5s)
     # Another chunk size than the upload's: the plan does not match, so no ETag.
-    other = digest_file(str(path), len(spans) + 1, chunk, sha256=False)
+    other = digest_file(str(path), len(spans) + 1, plan, sha256=False)
     assert other is not None and other.etag is None
-    assert digest_file(str(path.with_name("gone.mp4")), 0, chunk, sha256=False) is None
+    assert digest_file(str(path.with_name("gone.mp4")), 0, plan, sha256=False) is None
 
 
 def verify(*args: str) -> int:

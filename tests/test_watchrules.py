@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from cefmp4.domain.events import Continues
 from cefmp4.domain.filerules import FileStat
 from cefmp4.domain.mp4 import Mp4Status, Mp4Verdict
+from cefmp4.domain.partplan import PartPlan
 from cefmp4.domain.watchrules import (
     Action,
     CheckMp4,
@@ -35,9 +36,9 @@ from projections.streams import Completion, FileRecord, Status, StreamState
 from tests.properties import examples
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
-TIMING = Timing(settle=1.0, timeout=30.0)  # chunk=0: every change is reported at once
+TIMING = Timing(settle=1.0, timeout=30.0)  # no plan: every change is reported at once
 # Coalescing as the watcher runs it, with a tiny part size: parts end at 10, 20, ...
-COALESCE = Timing(settle=1.0, timeout=30.0, chunk=10, coalesce=0.25)
+COALESCE = Timing(settle=1.0, timeout=30.0, plan=PartPlan.uniform(10), coalesce=0.25)
 SIZE, MTIME, INODE = 100, 5_000, 7
 
 COMPLETE = Mp4Verdict(Mp4Status.COMPLETE, "")
@@ -55,6 +56,7 @@ def stream(
     inode: int = INODE,
     gone: Literal["deleted", "truncated"] | None = None,
     completion: tuple[int, int] | None = None,
+    plan: PartPlan | None = None,
 ) -> StreamState:
     done = None
     if completion is not None:
@@ -81,6 +83,7 @@ def stream(
         mtime_ns=mtime_ns,
         gone=gone,
         completion=done,
+        plan=plan,
     )
 
 
@@ -345,6 +348,22 @@ CASES |= {
         timing=COALESCE,
         expected=[Grew("s1", file(size=SIZE + 5))],
     ),
+    "coalesce: the stream's own plan, not the unrecorded one, says where parts end": Case(
+        # Recorded (95, 20): parts end at 95, 115, ... - SIZE + 10 = 110 makes no new
+        # one, though the config's plan (10, 10) would have ended one at 110.
+        current=file(size=SIZE + 10),
+        stream=stream(plan=PartPlan(95, 20)),
+        quiet_for=0.0,
+        timing=COALESCE,
+        expected=[],
+    ),
+    "coalesce: a new whole part of the stream's own plan": Case(
+        current=file(size=SIZE + 15),
+        stream=stream(plan=PartPlan(95, 20)),
+        quiet_for=0.0,
+        timing=COALESCE,
+        expected=[Grew("s1", file(size=SIZE + 15))],
+    ),
     "coalesce: shrink is never held back": Case(
         current=file(size=SIZE - 1),
         stream=stream(),
@@ -409,8 +428,9 @@ def timings(draw: st.DrawFn) -> Timing:
     settle = draw(st.floats(min_value=0, max_value=50, allow_nan=False))
     timeout = draw(st.floats(min_value=settle, max_value=100, allow_nan=False).filter(bool))
     chunk = draw(st.sampled_from([0, 1, 2, 10]))
+    plan = PartPlan.uniform(chunk) if chunk else None
     coalesce = draw(st.floats(min_value=0, max_value=min(settle, 1.0)))
-    return Timing(settle, timeout, chunk, coalesce)
+    return Timing(settle, timeout, plan, coalesce)
 
 
 class Look(msgspec.Struct, frozen=True):

@@ -21,7 +21,7 @@ import msgspec
 from cefmp4.domain.durations import duration
 from cefmp4.domain.errors import ConfigError
 from cefmp4.domain.filerules import FollowSymlinks
-from cefmp4.domain.partplan import MAX_PART_SIZE, MIN_PART_SIZE
+from cefmp4.domain.partplan import MAX_PART_SIZE, MIN_PART_SIZE, PartPlan, plan_at_sight
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -45,6 +45,7 @@ def retention_seconds(text: str) -> float:
 
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PartBytes = Annotated[int, msgspec.Meta(ge=MIN_PART_SIZE, le=MAX_PART_SIZE)]
 # Leaves a recording's key (cefmp4.domain.objectkeys) at least ~500 bytes of path.
 MAX_KEY_PREFIX_BYTES = 400
 
@@ -57,9 +58,17 @@ class Config(
     msgspec.Struct, frozen=True, kw_only=True, rename="upper", forbid_unknown_fields=False
 ):
     watch_dir: Annotated[str, msgspec.Meta(min_length=1)] = "./local_watch_dir"
-    chunk_size_bytes: Annotated[int, msgspec.Meta(ge=MIN_PART_SIZE, le=MAX_PART_SIZE)] = (
-        10 * 1024 * 1024
-    )
+    # The part plan (cefmp4.domain.partplan), chosen once per recording when
+    # it is first seen and recorded in its FileSeen. Parts 2.. of a recording
+    # that is still being written: a part is durable only once it is whole.
+    chunk_size_bytes: PartBytes = 10 * 1024 * 1024
+    # Part 1: most recorders patch their first bytes at close, so part 1 is
+    # sent a second time; S3's minimum keeps that resend small.
+    first_part_bytes: PartBytes = 5 * 1024 * 1024
+    # The largest part for a file that is already large when first seen
+    # (moved into place, found at start-up); each part costs a request and
+    # the store's per-part work. Memory: up to MAX_PARTS_IN_FLIGHT of them.
+    large_part_bytes: PartBytes = 32 * 1024 * 1024
     stream_timeout_seconds: PositiveFloat = 30.0
     settle_seconds: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     # After the writer closed a file (or renamed it into place; inotify, Linux
@@ -167,6 +176,21 @@ class Config(
             raise ValueError(
                 f"METRICS_ADDR: expected an IP address or a hostname, got {self.metrics_addr!r}"
             )
+
+    def plan_at_sight(self, size: int) -> PartPlan:
+        """The part plan for a recording first seen with ``size`` bytes."""
+        return plan_at_sight(
+            size,
+            first=self.first_part_bytes,
+            chunk=self.chunk_size_bytes,
+            large=self.large_part_bytes,
+        )
+
+    @property
+    def unrecorded_plan(self) -> PartPlan:
+        """How a stream whose FileSeen records no plan (written before plans
+        were recorded) was cut: CHUNK_SIZE_BYTES for every part, as then."""
+        return PartPlan.uniform(self.chunk_size_bytes)
 
     @property
     def watch_root(self) -> Path:

@@ -36,6 +36,8 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import msgspec
 
+from cefmp4.domain.partplan import PartPlan
+
 Mp4State = Literal["complete", "incomplete", "fragmented", "invalid"]
 IdleReason = Literal["settled", "timeout"]
 # What made the watcher look: the file stayed quiet (settle or timeout), or
@@ -83,21 +85,30 @@ class Continues(msgspec.Struct, frozen=True, gc=False):
     Everything the copy needs is here, in the log (the projection's record of
     the path is replaced when the new stream finishes, and another replica may
     handle it). The earlier object's parts are ``cefmp4.domain.partplan``'s
-    ``final_parts(size, part_size)``; ``part_md5s`` has the hex MD5 of each
+    ``final_parts(size, plan())``; ``part_md5s`` has the hex MD5 of each
     one's bytes, in part order (empty for an object made by one PutObject).
     """
 
     stream_id: str
     key: str
     size: int
-    part_size: int = 0  # the size of its part 1, i.e. the chunk size it was planned with
+    part_size: int = 0  # the size of its part 1 (0: no parts to copy)
     part_md5s: tuple[str, ...] = ()
+    # The size of its parts 2-1000; 0 in continuations written before plans
+    # were recorded, whose parts were all ``part_size``.
+    later_part_size: int = 0
+
+    def plan(self) -> PartPlan:
+        return PartPlan(self.part_size, self.later_part_size or self.part_size)
 
 
 class FileSeen(Event, frozen=True, kw_only=True):
-    """A new recording: a path that has no live stream, or new content at it."""
+    """A new recording: a path that has no live stream, or new content at it.
 
-    VERSION: ClassVar[int] = 1
+    v2 added ``plan``. It is a version, not just an optional field, because a
+    replica that ignored it would cut the file into parts of its own size."""
+
+    VERSION: ClassVar[int] = 2
 
     # Paths are in wire form (cefmp4.domain.pathnames: any bytes, printable, reversible).
     path: str  # absolute path on the watcher's host
@@ -110,6 +121,9 @@ class FileSeen(Event, frozen=True, kw_only=True):
     # Optional (added without a version bump): a replica that does not know it
     # uploads the whole file instead of copying the unchanged parts.
     continues: Continues | None = None
+    # How the file is cut into parts (chosen when it was seen); None in v1
+    # entries, which were cut by the replica's CHUNK_SIZE_BYTES alone.
+    plan: PartPlan | None = None
 
 
 class BytesAvailable(Event, frozen=True, kw_only=True):
@@ -281,8 +295,17 @@ def upcast_stream_failed_v1_v2(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "reason": new, "detail": detail}
 
 
+def upcast_file_seen_v1_v2(doc: dict[str, Any]) -> dict[str, Any]:
+    """A v1 FileSeen has no plan: its stream was cut by CHUNK_SIZE_BYTES, which
+    is what ``plan: None`` means to its readers (``Config.unrecorded_plan``)."""
+    return {**doc, "plan": None}
+
+
 UPCASTERS: Mapping[tuple[str, int], Upcaster] = MappingProxyType(
-    {("StreamFailed", 1): upcast_stream_failed_v1_v2}
+    {
+        ("StreamFailed", 1): upcast_stream_failed_v1_v2,
+        ("FileSeen", 1): upcast_file_seen_v1_v2,
+    }
 )
 
 # What an upcaster raises on an entry that does not have its from-version's shape.

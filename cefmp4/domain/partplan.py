@@ -1,14 +1,32 @@
 """Pure multipart part planning.
 
-Part boundaries are a deterministic function of the part number alone, never of
-how fast the file grew: part ``n`` always covers the same byte range of a given
-recording. That is what lets a restarted or a second replica agree with the log
-about which bytes a recorded ``PartUploaded`` covers, and lets a finalizer
-re-read exactly those bytes to see whether the recorder patched them.
+Part boundaries are a deterministic function of the stream's ``PartPlan`` and
+the part number alone, never of how fast the file grew: part ``n`` always
+covers the same byte range of a given recording. That is what lets a
+restarted or a second replica agree with the log about which bytes a recorded
+``PartUploaded`` covers, and lets a finalizer re-read exactly those bytes to
+see whether the recorder patched them. The plan is chosen once, when the
+watcher first sees the file (``plan_at_sight``), and recorded in its
+``FileSeen``: a later change of the settings never re-cuts a stream.
 
-Sizes: ``chunk`` bytes for parts 1-1000, then the size doubles every 1000 parts
-(capped at S3's 5 GiB part maximum), so 10,000 parts reach past S3's 5 TiB
-object limit for any chunk >= 10 MiB (5 MiB reaches 4.88 TiB).
+Sizes: part 1 is ``first`` bytes; parts 2-1000 are ``rest`` bytes; from part
+1001 on the size doubles every 1000 parts (capped at S3's 5 GiB part
+maximum), so 10,000 parts reach past S3's 5 TiB object limit whenever
+``rest`` >= 10 MiB (5 MiB reaches 4.88 TiB).
+
+Why part 1 is its own size: most recorders patch the file's first bytes when
+they close it (the ``mdat`` size, a ``moov`` moved to the front), so part 1 is
+sent a second time at every close. A small part 1 (S3's 5 MiB minimum by
+default) halves that resend against a 10 MiB one, for every recording.
+
+Why a file that is already large when first seen gets larger parts: it was
+moved or copied into place, or found at start-up, and goes up as fast as the
+box allows. Each part costs a request, a signature and the store's own
+per-part work (about 10 ms of CPU per part on the JuiceFS gateway), so such a
+file is cut into about ``PARTS_AT_SIGHT`` parts of at most ``large`` bytes.
+A file that is seen small is still being written: its parts stay at
+``chunk``, because a part is durable only once it is whole, and a larger one
+keeps more of a live recording on the recorder's disk alone.
 
 While a file grows only *whole* parts are sent: S3 rejects a non-last part
 smaller than 5 MiB at completion (EntityTooSmall). The last part, sent at
@@ -26,6 +44,124 @@ MAX_PART_SIZE = 5 * 1024 * 1024 * 1024
 MAX_PARTS = 10_000
 PARTS_PER_TIER = 1000
 MAX_OBJECT_SIZE = 5 * 1024**4  # S3's limit per object: 5 TiB
+# A file already large when first seen is cut into about this many parts.
+PARTS_AT_SIGHT = 32
+_MiB = 1024 * 1024
+
+
+# gc=False: two ints; a StreamState holds one (see projections.streams).
+class PartPlan(msgspec.Struct, frozen=True, gc=False):
+    """How one recording is cut: part 1 is ``first`` bytes, parts 2-1000
+    ``rest`` bytes, then ``rest`` doubles every 1000 parts."""
+
+    first: int
+    rest: int
+
+    @classmethod
+    def uniform(cls, chunk: int) -> PartPlan:
+        """Every part ``chunk`` bytes (up to the tiers): the only plan there
+        was before plans were recorded."""
+        return cls(chunk, chunk)
+
+
+def plan_at_sight(size: int, *, first: int, chunk: int, large: int) -> PartPlan:
+    """The plan for a file first seen with ``size`` bytes (see the module
+    comment): parts 2.. of ``chunk`` bytes, or for a file that is already
+    large, about ``size / PARTS_AT_SIGHT`` rounded up to a MiB, at most
+    ``large`` (never below ``chunk``)."""
+    wanted = -(-size // PARTS_AT_SIGHT // _MiB) * _MiB
+    return PartPlan(first, max(chunk, min(large, wanted)))
+
+
+def part_size(number: int, plan: PartPlan) -> int:
+    """Nominal size of part ``number``."""
+    if number < 1 or number > MAX_PARTS:
+        raise ValueError(f"part number {number} outside 1..{MAX_PARTS}")
+    if number == 1:
+        return plan.first
+    return min(plan.rest << ((number - 1) // PARTS_PER_TIER), MAX_PART_SIZE)
+
+
+def part_offset(number: int, plan: PartPlan) -> int:
+    """Offset of the first byte of part ``number``, in O(tiers)."""
+    if number < 1 or number > MAX_PARTS + 1:
+        raise ValueError(f"part number {number} outside 1..{MAX_PARTS + 1}")
+    if number == 1:
+        return 0
+    offset = plan.first
+    done = 1  # parts before ``number`` already counted
+    tier = 0
+    while done < number - 1:
+        end = min((tier + 1) * PARTS_PER_TIER, number - 1)
+        offset += (end - done) * min(plan.rest << tier, MAX_PART_SIZE)
+        done = end
+        tier += 1
+    return offset
+
+
+def capacity(plan: PartPlan) -> int:
+    """Largest object size the plan can express in ``MAX_PARTS`` parts."""
+    return part_offset(MAX_PARTS + 1, plan)
+
+
+def max_object_size(plan: PartPlan) -> int:
+    """Largest recording that can become one object: the plan's capacity, but
+    never more than S3 accepts (the plan reaches 9.76 TiB for 10 MiB parts)."""
+    return min(capacity(plan), MAX_OBJECT_SIZE)
+
+
+def whole_part_count(size: int, plan: PartPlan) -> int:
+    """``len(list(whole_parts(size, plan)))`` in O(tiers)."""
+    if size < plan.first:
+        return 0
+    count = 1
+    offset = plan.first
+    tier = 0
+    while count < MAX_PARTS:
+        length = min(plan.rest << tier, MAX_PART_SIZE)
+        room = (tier + 1) * PARTS_PER_TIER - count  # parts left in this tier
+        fit = min(room, (size - offset) // length)
+        count += fit
+        offset += fit * length
+        if fit < room:
+            return count
+        tier += 1
+    return count
+
+
+def whole_parts(size: int, plan: PartPlan) -> Iterator[Span]:
+    """Parts that lie entirely inside the first ``size`` bytes, in order.
+
+    These can be sent while the file still grows. The last full part is
+    included even when it ends exactly at ``size``: if the file then turns out
+    to be finished, it simply is the last part.
+    """
+    offset = 0
+    for number in range(1, MAX_PARTS + 1):
+        length = part_size(number, plan)
+        if offset + length > size:
+            return
+        yield Span(number, offset, length)
+        offset += length
+
+
+def final_parts(size: int, plan: PartPlan) -> list[Span]:
+    """Every part of a finished file of ``size`` bytes: whole parts + the tail.
+
+    Raises ValueError when the file cannot be one object (``max_object_size``).
+    """
+    if size > max_object_size(plan):
+        raise ValueError(f"{size} bytes exceed the object size limit {max_object_size(plan)}")
+    spans = list(whole_parts(size, plan))
+    end = spans[-1].end if spans else 0
+    if end < size:
+        spans.append(Span(len(spans) + 1, end, size - end))
+    return spans
+
+
+def fits_single_put(size: int, plan: PartPlan) -> bool:
+    """A finished file smaller than the first part goes up with one PutObject."""
+    return size < plan.first
 
 
 class Span(msgspec.Struct, frozen=True):
@@ -38,87 +174,3 @@ class Span(msgspec.Struct, frozen=True):
     @property
     def end(self) -> int:
         return self.offset + self.size
-
-
-def part_size(number: int, chunk: int) -> int:
-    """Nominal size of part ``number``; doubles every 1000 parts."""
-    if number < 1 or number > MAX_PARTS:
-        raise ValueError(f"part number {number} outside 1..{MAX_PARTS}")
-    return min(chunk << ((number - 1) // PARTS_PER_TIER), MAX_PART_SIZE)
-
-
-def part_offset(number: int, chunk: int) -> int:
-    """Offset of the first byte of part ``number``, in O(tiers)."""
-    if number < 1 or number > MAX_PARTS + 1:
-        raise ValueError(f"part number {number} outside 1..{MAX_PARTS + 1}")
-    offset = 0
-    done = 0
-    tier = 0
-    while done < number - 1:
-        count = min(PARTS_PER_TIER, number - 1 - done)
-        offset += count * min(chunk << tier, MAX_PART_SIZE)
-        done += count
-        tier += 1
-    return offset
-
-
-def capacity(chunk: int) -> int:
-    """Largest object size the plan can express in ``MAX_PARTS`` parts."""
-    return part_offset(MAX_PARTS + 1, chunk)
-
-
-def max_object_size(chunk: int) -> int:
-    """Largest recording that can become one object: the plan's capacity, but
-    never more than S3 accepts (the plan reaches 9.76 TiB for 10 MiB chunks)."""
-    return min(capacity(chunk), MAX_OBJECT_SIZE)
-
-
-def whole_part_count(size: int, chunk: int) -> int:
-    """``len(list(whole_parts(size, chunk)))`` in O(tiers)."""
-    count = 0
-    offset = 0
-    tier = 0
-    while count < MAX_PARTS:
-        length = min(chunk << tier, MAX_PART_SIZE)
-        fit = min(PARTS_PER_TIER, (size - offset) // length)
-        count += fit
-        offset += fit * length
-        if fit < PARTS_PER_TIER:
-            return count
-        tier += 1
-    return count
-
-
-def whole_parts(size: int, chunk: int) -> Iterator[Span]:
-    """Parts that lie entirely inside the first ``size`` bytes, in order.
-
-    These can be sent while the file still grows. The last full part is
-    included even when it ends exactly at ``size``: if the file then turns out
-    to be finished, it simply is the last part.
-    """
-    offset = 0
-    for number in range(1, MAX_PARTS + 1):
-        length = part_size(number, chunk)
-        if offset + length > size:
-            return
-        yield Span(number, offset, length)
-        offset += length
-
-
-def final_parts(size: int, chunk: int) -> list[Span]:
-    """Every part of a finished file of ``size`` bytes: whole parts + the tail.
-
-    Raises ValueError when the file cannot be one object (``max_object_size``).
-    """
-    if size > max_object_size(chunk):
-        raise ValueError(f"{size} bytes exceed the object size limit {max_object_size(chunk)}")
-    spans = list(whole_parts(size, chunk))
-    end = spans[-1].end if spans else 0
-    if end < size:
-        spans.append(Span(len(spans) + 1, end, size - end))
-    return spans
-
-
-def fits_single_put(size: int, chunk: int) -> bool:
-    """A finished file smaller than the first part goes up with one PutObject."""
-    return size < part_size(1, chunk)

@@ -45,7 +45,7 @@ import msgspec
 from cefmp4.domain.events import Continues, IdleCause
 from cefmp4.domain.filerules import FileStat
 from cefmp4.domain.mp4 import Mp4Status, Mp4Verdict, complete_when_closed
-from cefmp4.domain.partplan import whole_part_count
+from cefmp4.domain.partplan import PartPlan, whole_part_count
 from projections.streams import FileRecord, StreamState, record_of
 
 
@@ -106,9 +106,11 @@ class Timing(msgspec.Struct, frozen=True):
     settle: float
     timeout: float
     # Coalescing of BytesAvailable while a file grows: report at once when a
-    # new whole part exists (the uploader has work), otherwise only once the
-    # file paused for `coalesce` seconds. chunk=0 reports every change.
-    chunk: int = 0
+    # new whole part of the stream's plan exists (the uploader has work),
+    # otherwise only once the file paused for `coalesce` seconds. ``plan`` is
+    # that of streams whose FileSeen recorded none (CHUNK_SIZE_BYTES); with
+    # neither, every change is reported.
+    plan: PartPlan | None = None
     coalesce: float = 0.0
     # How long a closed file must stay unchanged before its close counts.
     close_guard: float = 0.2
@@ -156,11 +158,10 @@ def decide(
             grew = [Grew(stream.stream_id, current)] if changed else []
             return [*grew, Stopped(stream.stream_id, current, "settled", verdict, "closed")]
     if changed:
-        if timing.chunk == 0 or quiet_for >= timing.coalesce:
+        plan = stream.plan or timing.plan
+        if plan is None or quiet_for >= timing.coalesce:
             return [Grew(stream.stream_id, current)]
-        new_part = whole_part_count(current.size, timing.chunk) > whole_part_count(
-            stream.size, timing.chunk
-        )
+        new_part = whole_part_count(current.size, plan) > whole_part_count(stream.size, plan)
         return [Grew(stream.stream_id, current)] if new_part else []
     if quiet_for >= timing.timeout:
         if verdict is None:

@@ -9,7 +9,7 @@ anything:
 * ETag: computed from the file as S3 computes it - the MD5 of the file for a
   single PutObject (``parts == 0``), otherwise the multipart ETag of the part
   MD5s, the parts cut by the same plan the uploader used
-  (``partplan.final_parts`` with ``CHUNK_SIZE_BYTES``) - == the object's ==
+  (``partplan.final_parts`` with the plan its ``FileSeen`` recorded) - == the object's ==
   the logged one;
   (S3 and SeaweedFS return MD5 ETags whichever checksum the parts carried);
 * checksum: where HEAD reports the object's full-object CRC (``S3_CHECKSUM``
@@ -20,8 +20,8 @@ anything:
 Exit 0 when everything matches, 1 when anything differs (the line names the
 path and what differs; that wins over 2), 2 when something could not be
 checked (no completion recorded for a path, the file is missing, S3 cannot
-be reached, or ``CHUNK_SIZE_BYTES`` changed since the upload so the part
-plan is not the one used).
+be reached, or - for a recording seen before plans were recorded -
+``CHUNK_SIZE_BYTES`` changed since the upload so the part plan is not the one used).
 
 Where the facts come from
 -------------------------
@@ -65,7 +65,7 @@ from cefmp4.domain.durations import duration
 from cefmp4.domain.entryids import ZERO_ID, parse_id
 from cefmp4.domain.errors import CefError
 from cefmp4.domain.events import FileSeen, MetadataWritten, StreamCompleted
-from cefmp4.domain.partplan import Span, final_parts
+from cefmp4.domain.partplan import PartPlan, Span, final_parts
 from consumers.deps import utcnow
 from projections.live import LiveProjection
 from projections.snapshots import SnapshotStore, snapshot_key
@@ -92,6 +92,7 @@ class Expected(msgspec.Struct, frozen=True, kw_only=True):
     sha256: str
     parts: int  # 0: one PutObject
     sidecar_key: str
+    plan: PartPlan | None = None  # FileSeen's; None: recorded none (CHUNK_SIZE_BYTES)
 
 
 class FileDigest(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,11 +124,11 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
         return "ok"
 
 
-def spans_for(size: int, parts: int, chunk: int) -> list[Span]:
+def spans_for(size: int, parts: int, plan: PartPlan) -> list[Span]:
     """The byte ranges whose MD5s make the object's ETag (one span: a single PUT)."""
     if parts == 0:
         return [Span(1, 0, size)]
-    return final_parts(size, chunk)
+    return final_parts(size, plan)
 
 
 def judge(
@@ -164,7 +165,8 @@ def judge(
     if digest.etag is None:
         findings.append(Finding("etag", None, (
             f"the log records {expected.parts} parts, CHUNK_SIZE_BYTES now plans "
-            f"{digest.planned_parts}: set it to the upload's value to check the ETag"
+            f"{digest.planned_parts} (the recording was seen before part plans were "
+            "recorded): set it to the upload's value to check the ETag"
         )))  # fmt: skip
     else:
         findings.append(
@@ -229,7 +231,7 @@ def entry_id_at(moment: datetime) -> str:
 # -- I/O ------------------------------------------------------------------------------
 
 
-def digest_file(path: str, parts: int, chunk: int, *, sha256: bool) -> FileDigest | None:
+def digest_file(path: str, parts: int, plan: PartPlan, *, sha256: bool) -> FileDigest | None:
     """Hash the file as S3 hashed the object (blocking: run it in a thread)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -237,7 +239,7 @@ def digest_file(path: str, parts: int, chunk: int, *, sha256: bool) -> FileDiges
         return None
     try:
         size = os.fstat(fd).st_size
-        spans = spans_for(size, parts, chunk)
+        spans = spans_for(size, parts, plan)
         whole = hashlib.sha256() if sha256 else None
         crcs = dict.fromkeys(checksums.CRCS, 0)
         md5s = []
@@ -276,6 +278,7 @@ class Found(msgspec.Struct, kw_only=True):
     completions: dict[str, StreamCompleted] = msgspec.field(default_factory=dict)
     paths: dict[str, str] = msgspec.field(default_factory=dict)
     sidecars: dict[str, str] = msgspec.field(default_factory=dict)
+    plans: dict[str, PartPlan] = msgspec.field(default_factory=dict)
 
     def take(self, event: object, wanted: set[str] | None) -> None:
         stream = getattr(event, "stream_id", None)
@@ -285,6 +288,8 @@ class Found(msgspec.Struct, kw_only=True):
             self.completions.setdefault(stream, event)
         elif isinstance(event, FileSeen):
             self.paths.setdefault(stream, event.path)
+            if event.plan is not None:
+                self.plans.setdefault(stream, event.plan)
         elif isinstance(event, MetadataWritten):
             self.sidecars[stream] = event.key
 
@@ -350,14 +355,15 @@ def expected_of(projection: Projection, found: Found, stream_id: str | None) -> 
     if s is not None and s.completion is not None:
         c = s.completion
         return Expected(stream_id=stream_id, key=s.key, size=c.size, etag=c.etag,
-                        sha256=c.sha256, parts=c.parts,
+                        sha256=c.sha256, parts=c.parts, plan=s.plan,
                         sidecar_key=s.metadata_key or f"{s.key}.metadata.json")  # fmt: skip
     e = found.completions.get(stream_id)
     if e is None:
         return None
     sidecar = found.sidecars.get(stream_id, f"{e.key}.metadata.json")
     return Expected(stream_id=stream_id, key=e.key, size=e.size, etag=e.etag, sha256=e.sha256,
-                    parts=e.parts, sidecar_key=sidecar)  # fmt: skip
+                    parts=e.parts, sidecar_key=sidecar,
+                    plan=found.plans.get(stream_id))  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -389,8 +395,9 @@ async def check_one(
     digest = None
     if target.path:
         digest = await asyncio.to_thread(
-            digest_file, target.path, expected.parts, config.chunk_size_bytes, sha256=sha256
-        )
+            digest_file, target.path, expected.parts, expected.plan or config.unrecorded_plan,
+            sha256=sha256,
+        )  # fmt: skip
     obj, object_error = None, None
     try:
         obj = await store.head_object(expected.key)

@@ -86,6 +86,7 @@ from cefmp4.domain.events import (
 )
 from cefmp4.domain.filerules import FileStat, FollowSymlinks
 from cefmp4.domain.objectkeys import object_key
+from cefmp4.domain.partplan import PartPlan
 from cefmp4.domain.pathnames import to_fs, to_wire
 from cefmp4.domain.watchrules import (
     Action,
@@ -270,7 +271,7 @@ class Watcher:
         self._timing = Timing(
             settle=deps.config.settle_seconds,
             timeout=deps.config.stream_timeout_seconds,
-            chunk=deps.config.chunk_size_bytes,
+            plan=deps.config.unrecorded_plan,
             coalesce=min(0.25, deps.config.settle_seconds / 2),
             close_guard=deps.config.close_guard_seconds,
         )
@@ -686,4 +687,12 @@ class Watcher:
             mtime_ns=current.mtime_ns,
             inode=current.inode,
             continues=continues,
+            plan=self._plan(current.size, continues),
         )
+
+    def _plan(self, size: int, continues: Continues | None) -> PartPlan:
+        """A continuation is cut like the object it continues, so that the
+        parts it shares are copied, not sent; anything else by its size now."""
+        if continues is not None and continues.part_size > 0:
+            return continues.plan()
+        return self._cfg.plan_at_sight(size)

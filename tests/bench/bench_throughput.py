@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import msgspec
 import redis
 from botocore.exceptions import ClientError
 
@@ -68,7 +69,7 @@ from cefmp4.domain.events import (
     StreamIdle,
 )
 from cefmp4.domain.mp4 import iter_top_level_boxes
-from cefmp4.domain.partplan import final_parts, whole_parts
+from cefmp4.domain.partplan import PartPlan, final_parts, whole_parts
 from tests.bench.common import (
     PYTHON,
     RESULTS_DIR,
@@ -123,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--size-mib", type=int, default=1024, help="file size (default 1024)")
     p.add_argument("--chunk-mib", type=int, default=10, help="CHUNK_SIZE_BYTES in MiB (10)")
+    p.add_argument("--first-mib", type=int, default=5, help="FIRST_PART_BYTES in MiB (5)")
+    p.add_argument("--large-mib", type=int, default=32, help="LARGE_PART_BYTES in MiB (32)")
     p.add_argument("--part-concurrency", type=int, default=4, help="PART_CONCURRENCY (4)")
     p.add_argument("--max-streams", type=int, default=4, help="MAX_CONCURRENT_STREAMS (4)")
     p.add_argument("--settle", type=float, default=1.0, help="SETTLE_SECONDS (1)")
@@ -154,8 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
     args = p.parse_args(argv)
-    if args.chunk_mib < 5:
-        p.error("--chunk-mib must be at least 5 (S3's minimum part size)")
+    if min(args.chunk_mib, args.first_mib, args.large_mib) < 5:
+        p.error("part sizes must be at least 5 MiB (S3's minimum part size)")
     if args.ceiling_env is None:
         args.ceiling_env = [env_pair(x) for x in DEFAULT_CEILING_ENV]
     return args
@@ -247,6 +250,8 @@ def _service_phase(
         bucket,
         endpoint,
         chunk_size_bytes=chunk,
+        first_part_bytes=args.first_mib * MiB,
+        large_part_bytes=args.large_mib * MiB,
         part_concurrency=args.part_concurrency,
         max_concurrent_streams=args.max_streams,
         settle_seconds=args.settle,
@@ -304,7 +309,8 @@ def _service_phase(
     completed = next(e for e in mine if isinstance(e, StreamCompleted))
     idle = next(e for e in mine if isinstance(e, StreamIdle))
     meta = next(e for e in mine if isinstance(e, MetadataWritten))
-    spans = list(whole_parts(size, chunk))
+    assert seen.plan is not None
+    spans = list(whole_parts(size, seen.plan))
     t_seen, t_idle, t_done, t_meta = ts(seen.at), ts(idle.at), ts(completed.at), ts(meta.at)
     uploaded = [e for e in mine if isinstance(e, PartUploaded) and e.part_number <= len(spans)]
     t_upload_end = max((ts(e.at) for e in uploaded), default=t_seen)
@@ -313,7 +319,7 @@ def _service_phase(
     busy = t_done - t_seen - idle_wait
     end_to_end = t_done - t_seen
     sent_growing = sum(sp.size for sp in spans)
-    bound_stream = args.part_concurrency * chunk
+    bound_stream = args.part_concurrency * max(seen.plan.first, seen.plan.rest)
     service_cpu = cpu1 - cpu0
     result: dict[str, Any] = {
         "env": dict(extra_env),
@@ -322,6 +328,7 @@ def _service_phase(
         "stream_id": seen.stream_id,
         "key": completed.key,
         "parts": completed.parts,
+        "plan": msgspec.to_builtins(seen.plan),
         "etag": completed.etag,
         "sha256": completed.sha256,
         "seconds": round(with_sidecar, 3),
@@ -507,7 +514,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 peers[name] = _peer_phase(name, args, tmp, endpoint, gateway_pid, path)
                 heads[name] = _head(s3, BUCKET, peers[name]["key"])
 
-        service_plan = PartHasher([sp.size for sp in final_parts(size, chunk)])
+        cut = PartPlan(service["plan"]["first"], service["plan"]["rest"])
+        service_plan = PartHasher([sp.size for sp in final_parts(size, cut)])
         peer_plans = {n: PartHasher(p.pop("_part_sizes")) for n, p in peers.items()}
         sha256 = hash_file(path, [service_plan, *peer_plans.values()])
         checks: dict[str, Any] = {}
@@ -547,6 +555,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "content": args.content,
                 "mp4_verdict": verdict,
                 "CHUNK_SIZE_BYTES": chunk,
+                "FIRST_PART_BYTES": args.first_mib * MiB,
+                "LARGE_PART_BYTES": args.large_mib * MiB,
                 "PART_CONCURRENCY": args.part_concurrency,
                 "MAX_CONCURRENT_STREAMS": args.max_streams,
                 "SETTLE_SECONDS": args.settle,

@@ -25,6 +25,7 @@ from cefmp4.domain.mp4 import (
     ends_with_mfra,
     iter_top_level_boxes,
 )
+from cefmp4.domain.partplan import PartPlan
 from cefmp4.domain.watchrules import Action, CheckMp4, Grew, Stopped, Timing, decide
 from tests import mp4gen
 from tests.properties import examples
@@ -229,7 +230,7 @@ def test_a_last_write_before_the_close_is_reported_with_the_stop() -> None:
     # mtime moves, and no new part fills. Without a close that change waits
     # for the coalescing window; after a close it goes out with the stop.
     patched = file(mtime_ns=MTIME + 1)
-    timing = msgspec.structs.replace(GUARD, chunk=10 << 20, coalesce=1.0)
+    timing = msgspec.structs.replace(GUARD, plan=PartPlan.uniform(10 << 20), coalesce=1.0)
 
     def at(closed_for: float | None) -> Acts:
         return decide(

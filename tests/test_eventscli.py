@@ -33,7 +33,7 @@ from cefmp4.dev.localservers import free_port
 from cefmp4.domain.archive_format import RawEntry, raw_entry
 from cefmp4.domain.config import Config
 from cefmp4.domain.entryids import format_id
-from cefmp4.domain.events import BytesAvailable, FileSeen, StreamIdle
+from cefmp4.domain.events import EVENT_TYPES, BytesAvailable, FileSeen, StreamIdle
 from cefmp4.ops.eventscli import (
     Options,
     View,
@@ -235,7 +235,7 @@ def test_from_start_prints_the_whole_log_once_and_changes_nothing(
     objects = [json.loads(line) for line in lines]
     assert [o["id"] for o in objects] == ids
     assert objects[5]["type"] == "FileSeen" and objects[5]["data"]["key"] == "k5"
-    assert all(o["v"] == 1 and o["replica"] == "t" for o in objects)
+    assert all(o["v"] == EVENT_TYPES[o["type"]].VERSION and o["replica"] == "t" for o in objects)
 
     code, lines, _ = run_cli(capsys, "--json")  # only what Redis holds
     assert (code, [json.loads(line)["id"] for line in lines]) == (0, ids[20:])

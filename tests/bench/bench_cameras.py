@@ -6,9 +6,9 @@ lightest on CPU, so the service's share of the two cores is what is measured)
 and one valid MP4 of ``--mbit`` x ``--seconds``: a 1 s ffmpeg recording whose
 mdat is padded with random bytes, as in the throughput bench.
 
-The service runs as a subprocess with the service's defaults (CHUNK_SIZE_BYTES
-10 MiB, SETTLE_SECONDS 1, STREAM_TIMEOUT_SECONDS 30, MAX_CONCURRENT_STREAMS 4,
-...) unless ``--service-env`` says otherwise. One writer thread per camera
+The service runs as a subprocess with the service's defaults (FIRST_PART_BYTES
+5 MiB, CHUNK_SIZE_BYTES 10 MiB, SETTLE_SECONDS 1, STREAM_TIMEOUT_SECONDS 30,
+MAX_CONCURRENT_STREAMS 4, ...) unless ``--service-env`` says otherwise. One writer thread per camera
 writes the MP4 into the watch dir the way a camera does (OBS/NVR style: the
 mdat size is 0 while writing and patched in place at the end), in
 ``--writes-per-second`` appends per second on a fixed schedule, for

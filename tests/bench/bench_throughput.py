@@ -32,8 +32,9 @@ reaped, such as ffprobe) sampled before and after; a peer's from ``os.wait4``
 each. Ratios, because the machine is shared: service MiB/s / best peer MiB/s
 (target >= 1.2) and service CPU-s per GiB / aws CPU-s per GiB (target <= 0.5);
 the service's peak RSS (VmHWM) against 100 MiB + the bytes of parts in flight
-(PART_CONCURRENCY x CHUNK_SIZE_BYTES). Every object is checked with HEAD:
-size, and the ETag against the MD5s of the part plan computed locally.
+(PART_CONCURRENCY x the largest part of the plan the service recorded in its
+FileSeen: a file renamed in at 1 GiB gets LARGE_PART_BYTES parts). Every object
+is checked with HEAD: size, and the ETag against the MD5s of the part plan computed locally.
 """
 
 from __future__ import annotations
@@ -603,6 +604,8 @@ def report(r: dict[str, Any]) -> str:
         f"Throughput: {s['size_mib']} MiB finished file ({s['content']}, MP4 verdict "
         f"{s['mp4_verdict']}) -> {r['server']}; load average before {r['load_average_1m_before']}",
         f"  service settings: CHUNK_SIZE_BYTES={s['CHUNK_SIZE_BYTES']} "
+        f"FIRST_PART_BYTES={s['FIRST_PART_BYTES']} LARGE_PART_BYTES={s['LARGE_PART_BYTES']} "
+        f"(plan recorded: {svc['plan']}) "
         f"PART_CONCURRENCY={s['PART_CONCURRENCY']} "
         f"MAX_CONCURRENT_STREAMS={s['MAX_CONCURRENT_STREAMS']} "
         f"SETTLE_SECONDS={s['SETTLE_SECONDS']} "

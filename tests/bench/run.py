@@ -118,7 +118,7 @@ def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
                 "service peak RSS (VmHWM)",
                 f"{svc['peak_rss_mib']:.0f} MiB",
                 f"{svc['baseline_rss_mib']:.0f} MiB idle; target <= 100 MiB + parts in flight "
-                f"{st['PART_CONCURRENCY']} x {st['CHUNK_SIZE_BYTES'] // 2**20} MiB = "
+                f"{st['PART_CONCURRENCY']} x {max(svc['plan'].values()) // 2**20} MiB = "
                 f"{q['rss_limit_mib']} MiB: {'met' if q['rss_met'] else 'MISSED'}",
             )
         )

@@ -109,6 +109,18 @@ async def test_buffers_are_reused_bounded_and_dropped_when_nothing_is_lent() -> 
     assert pool.idle == 0
 
 
+async def test_idle_buffers_too_small_for_the_next_part_are_dropped() -> None:
+    # Part 1 (small) came back while larger parts move: keeping it would make
+    # memory the parts in flight plus it.
+    pool = files.Buffers(keep=4)
+    busy = await pool.take(20)
+    pool.give(await pool.take(5))
+    assert pool.idle == 1
+    assert len(await pool.take(20)) == 20
+    assert pool.idle == 0 and pool.lent == 2
+    pool.give(busy)
+
+
 async def test_buffers_lend_at_most_limit_at_once_first_come_first_served() -> None:
     pool = files.Buffers(keep=4, limit=2)
     first, second = await pool.take(10), await pool.take(10)

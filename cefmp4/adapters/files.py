@@ -211,6 +211,10 @@ class Buffers:
         self._lent += 1
         fits = [b for b in self._free if len(b) >= size]
         if not fits:
+            # Every idle one is too small for the parts now moving (a file seen
+            # large after live ones, part 1 before the larger rest): drop them,
+            # so that memory stays the parts in flight, not those plus these.
+            self._free.clear()
             return bytearray(size)
         best = min(fits, key=len)
         self._free.remove(best)

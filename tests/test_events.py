@@ -36,6 +36,7 @@ from cefmp4.domain.events import (
     decode,
     encode,
 )
+from cefmp4.domain.partplan import MAX_PART_SIZE, PartPlan
 from tests.properties import examples
 
 ALL_TYPES: list[type[Event]] = [
@@ -62,9 +63,16 @@ utc_datetimes = st.datetimes(
 finite_or_none = st.none() | st.floats(allow_nan=False, allow_infinity=False)
 
 
+# What a replica records (hypothesis reads no msgspec.Meta bounds).
+part_sizes = st.integers(1, MAX_PART_SIZE)
+plans = st.none() | st.builds(PartPlan, part_sizes, part_sizes)
+
+
 def _field_strategy(name: str, tp: Any) -> st.SearchStrategy[Any]:
     if name == "at":
         return utc_datetimes
+    if tp == PartPlan | None:
+        return plans
     if tp == float | None:
         return finite_or_none
     return st.from_type(tp)
@@ -223,3 +231,16 @@ def test_decode_never_raises(fields: dict[bytes, bytes]) -> None:
         # reads (its own, or an older one with upcasters), decodes.
         assert EVENT_TYPES[fields[b"type"].decode()] is type(result)
         assert 1 <= int(fields[b"v"]) <= type(result).VERSION
+
+
+@pytest.mark.parametrize("plan", [PartPlan(0, 10), PartPlan(10, 0), PartPlan(-1, 10)])
+def test_a_file_seen_whose_plan_cuts_nothing_is_undecodable(plan: PartPlan) -> None:
+    # No replica writes one; decoded, it would divide by zero in every
+    # consumer. Undecodable, it is left pending and counted instead.
+    seen = FileSeen(
+        stream_id="s1", at=datetime(2026, 1, 1, tzinfo=UTC), path="/w/a.mp4", rel_path="a.mp4",
+        bucket="b", key="k", size=1, mtime_ns=1, inode=1, plan=plan,
+    )  # fmt: skip
+    assert isinstance(decode(wire(seen)), UnknownEvent)
+    smallest = msgspec.structs.replace(seen, plan=PartPlan(1, 1))
+    assert decode(wire(smallest)) == smallest

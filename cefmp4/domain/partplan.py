@@ -36,6 +36,7 @@ finalization, is whatever remains and may be any size.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Annotated
 
 import msgspec
 
@@ -54,8 +55,10 @@ class PartPlan(msgspec.Struct, frozen=True, gc=False):
     """How one recording is cut: part 1 is ``first`` bytes, parts 2-1000
     ``rest`` bytes, then ``rest`` doubles every 1000 parts."""
 
-    first: int
-    rest: int
+    # At least 1 when decoded: an entry with a zero part size (not one a
+    # replica writes) is undecodable, left pending, never a division by zero.
+    first: Annotated[int, msgspec.Meta(ge=1)]
+    rest: Annotated[int, msgspec.Meta(ge=1)]
 
     @classmethod
     def uniform(cls, chunk: int) -> PartPlan:

@@ -85,18 +85,11 @@ class v1:
 
 
 class v3:
-    class FileSeen(Event, frozen=True, kw_only=True):
+    class FileSeen(v1.FileSeen, frozen=True, kw_only=True):
         """v3 adds ``host`` with a default: old entries get "legacy" from the upcaster."""
 
         VERSION: ClassVar[int] = 3
 
-        path: str
-        rel_path: str
-        bucket: str
-        key: str
-        size: int
-        mtime_ns: int
-        inode: int
         host: str = ""
 
     class FileRenamed(Event, frozen=True, kw_only=True):

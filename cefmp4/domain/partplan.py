@@ -21,9 +21,9 @@ default) halves that resend against a 10 MiB one, for every recording.
 
 Why a file that is already large when first seen gets larger parts: it was
 moved or copied into place, or found at start-up, and goes up as fast as the
-box allows. Each part costs a request, a signature and the store's own
-per-part work (about 10 ms of CPU per part on the JuiceFS gateway), so such a
-file is cut into about ``PARTS_AT_SIGHT`` parts of at most ``large`` bytes.
+box allows. Each part costs a request (which S3 bills), a signature, a
+round of the pipeline and the store's own per-part work, so such a file is
+cut into about ``PARTS_AT_SIGHT`` parts of at most ``large`` bytes.
 A file that is seen small is still being written: its parts stay at
 ``chunk``, because a part is durable only once it is whole, and a larger one
 keeps more of a live recording on the recorder's disk alone.
@@ -48,6 +48,18 @@ MAX_OBJECT_SIZE = 5 * 1024**4  # S3's limit per object: 5 TiB
 # A file already large when first seen is cut into about this many parts.
 PARTS_AT_SIGHT = 32
 _MiB = 1024 * 1024
+
+
+class Span(msgspec.Struct, frozen=True):
+    """Byte range ``[offset, offset + size)`` of part ``number`` (1-based)."""
+
+    number: int
+    offset: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
 
 
 # gc=False: two ints; a StreamState holds one (see projections.streams).
@@ -165,15 +177,3 @@ def final_parts(size: int, plan: PartPlan) -> list[Span]:
 def fits_single_put(size: int, plan: PartPlan) -> bool:
     """A finished file smaller than the first part goes up with one PutObject."""
     return size < plan.first
-
-
-class Span(msgspec.Struct, frozen=True):
-    """Byte range ``[offset, offset + size)`` of part ``number`` (1-based)."""
-
-    number: int
-    offset: int
-    size: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.size

@@ -124,20 +124,20 @@ async def test_a_continuation_is_cut_like_the_object_it_continues(
 async def test_a_file_that_appears_large_goes_up_in_larger_parts(
     make_config: Any, watch: Path, tmp_path: Path, s3_client: Any, bucket: str
 ) -> None:
-    """Moved into place at 170 MiB: parts 2.. are 170 / 32 rounded up to a
-    MiB (6 MiB, between CHUNK_SIZE_BYTES 5 MiB and LARGE_PART_BYTES 8 MiB)."""
+    """Moved into place at 48 MiB: parts 2.. are 48 / 8 = 6 MiB (between
+    CHUNK_SIZE_BYTES 5 MiB and LARGE_PART_BYTES 8 MiB)."""
     staged = tmp_path / "staged.mp4"
-    data = os.urandom(170 * MiB)
+    data = os.urandom(48 * MiB)
     staged.write_bytes(data)
     config = make_config(first_part_bytes=FIRST, chunk_size_bytes=5 * MiB, large_part_bytes=8 * MiB)
     async with running(config) as h:
         staged.rename(watch / "import.mp4")
-        done = await h.terminal(watch / "import.mp4", timeout=120)
+        done = await h.terminal(watch / "import.mp4")
         seen = await _seen(h, done.stream_id)
     assert done.status == "completed", (done.failure_reason, done.failure_detail)
     assert seen.size == len(data) and seen.plan == PartPlan(FIRST, 6 * MiB)
-    assert done.completion is not None and done.completion.parts == 1 + 28  # 165 MiB / 6
+    assert done.completion is not None and done.completion.parts == 1 + 7 + 1  # 43 MiB / 6
     sizes = [done.parts[n].size for n in sorted(done.parts)]
-    assert sizes == [FIRST] + [6 * MiB] * 27 + [3 * MiB]
+    assert sizes == [FIRST] + [6 * MiB] * 7 + [1 * MiB]
     body = s3_client.get_object(Bucket=bucket, Key=done.key)["Body"].read()
     assert hashlib.sha256(body).digest() == hashlib.sha256(data).digest()

@@ -153,7 +153,9 @@ def test_plan_at_sight(size: int, first: int, chunk: int, large: int) -> None:
 def test_a_file_seen_small_keeps_the_chunk_size_and_one_seen_large_gets_larger_parts() -> None:
     sight = {"first": 5 * MiB, "chunk": 10 * MiB, "large": 32 * MiB}
     assert plan_at_sight(0, **sight) == PartPlan(5 * MiB, 10 * MiB)
-    assert plan_at_sight(300 * MiB, **sight) == PartPlan(5 * MiB, 10 * MiB)
-    assert plan_at_sight(512 * MiB, **sight) == PartPlan(5 * MiB, 16 * MiB)
+    assert plan_at_sight(80 * MiB, **sight) == PartPlan(5 * MiB, 10 * MiB)
+    assert plan_at_sight(128 * MiB, **sight) == PartPlan(5 * MiB, 16 * MiB)
+    assert plan_at_sight(129 * MiB, **sight) == PartPlan(5 * MiB, 17 * MiB)  # rounded up
+    assert plan_at_sight(256 * MiB, **sight) == PartPlan(5 * MiB, 32 * MiB)
     assert plan_at_sight(1024 * MiB, **sight) == PartPlan(5 * MiB, 32 * MiB)
     assert plan_at_sight(100 * 1024 * MiB, **sight) == PartPlan(5 * MiB, 32 * MiB)

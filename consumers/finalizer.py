@@ -76,15 +76,14 @@ def same_bytes(known: Part, chunk: Chunk) -> bool:
     return bool(known.md5) and chunk.md5_hex == known.md5
 
 
-def needs_md5(known: Part | None, continues: bool) -> bool | None:
-    """The ``md5`` for a finalizer's read (``Uploads.read``): True where only
-    an MD5 can tell the bytes (a part recorded with no CRC, a continuation's
-    copy check), False for a compare by CRC, None (as the mode needs) for a
-    part not sent yet."""
+def needs_md5(known: Part | None, continues: bool) -> bool:
+    """The ``md5`` for a finalizer's read (``Uploads.read``): where only an
+    MD5 can tell the bytes (a part recorded with no CRC, a continuation's copy
+    check); a compare by CRC or a part not sent yet needs none of its own."""
     if continues:
         return True
     if known is None:
-        return None
+        return False
     return checksums.untag(known.checksum) is None and checksums.untag(known.crc) is None
 
 
@@ -196,7 +195,7 @@ class Finalizer:
         """PutObject with the same checksum a part would carry; (ETag,
         SHA-256 or "", the tagged CRC or "")."""
         algorithm = await self._uploads.algorithm()
-        chunk = await self._uploads.read(s, Span(1, 0, idle.size), algorithm)
+        chunk = await self._uploads.read(s, Span(1, 0, idle.size), algorithm, send=True)
         try:
             sha256 = ""
             if self._deps.config.sidecar_sha256:  # sha256 mode read it already
@@ -310,7 +309,9 @@ class Finalizer:
                             await hashing
                             self._uploads.release(hashed)
                             hashed = None
-                        chunk = await self._uploads.read(s, span, algorithm, md5=md5)
+                        chunk = await self._uploads.read(
+                            s, span, algorithm, send=known is None, md5=md5
+                        )
                         try:
                             if whole is not None:
                                 chunk.users += 1

@@ -253,18 +253,18 @@ class Uploads:
         return upload_algorithm(parts, resolved)
 
     async def read(
-        self, s: StreamState, span: Span, algorithm: Algorithm, *, md5: bool | None = None,
-        sha256: bool | None = None,
-    ) -> Chunk:  # fmt: skip
-        """Read ``span`` into a lent buffer with its CRC, and its MD5 if ``md5``
-        (None: if ``algorithm`` sends one, i.e. md5 mode), and the SHA-256 a
-        send signs if ``sha256`` (None: in sha256 mode, unless ``md5=False``
-        says the read is only to compare); hand it back with ``release``. A
-        read only to compare passes ``md5=False``: a send of the chunk
-        computes the MD5 or SHA-256 then, if it needs it."""
+        self, s: StreamState, span: Span, algorithm: Algorithm, *, send: bool, md5: bool = False
+    ) -> Chunk:
+        """Read ``span`` into a lent buffer with its CRC; hand it back with
+        ``release``. ``send``: the read is for sending, so the digest
+        ``algorithm`` sends comes with it (md5 mode's MD5, sha256 mode's
+        signed SHA-256), hashed in the reading thread. A read only to compare
+        (``send=False``) skips it: ``send_chunk`` computes it if the bytes
+        turn out to need sending after all. ``md5``: the MD5 too, whatever the
+        mode, to compare with a recorded part's MD5 or the store's ETag."""
         buffer = await self.buffers.take(span.size)
-        want_md5 = algorithm == "md5" if md5 is None else md5
-        want_sha256 = algorithm == "sha256" and md5 is not False if sha256 is None else sha256
+        want_md5 = md5 or (send and algorithm == "md5")
+        want_sha256 = send and algorithm == "sha256"
         work = asyncio.ensure_future(
             asyncio.to_thread(
                 _read_and_digest, s.path, s.inode, span, buffer, algorithm, want_md5, want_sha256
@@ -379,7 +379,7 @@ class Uploads:
             span = Span(rp.number, offset, rp.size)
             # Like with like: the store's CRC if it lists one, else its MD5 ETag.
             listed = checksums.untag(rp.checksum)
-            chunk = await self.read(s, span, algorithm, md5=listed is None, sha256=False)
+            chunk = await self.read(s, span, algorithm, send=False, md5=listed is None)
             try:
                 same = (
                     chunk.checksum == rp.checksum if listed is not None
@@ -436,7 +436,7 @@ class Uploads:
                     return
                 # The digests a send needs, in the reading thread: the MD5 too
                 # when a continuation may copy the part instead.
-                chunk = await self.read(s, span, algorithm, md5=True if s.continues else None)
+                chunk = await self.read(s, span, algorithm, send=True, md5=bool(s.continues))
                 try:
                     sent[span.number] = await self.send_chunk(s, upload_id, chunk, why, fence)
                 finally:

@@ -513,7 +513,7 @@ async def test_a_cancelled_read_keeps_its_buffer_until_the_thread_is_done(
 
     monkeypatch.setattr(uploads_module, "_read_and_digest", slow)
     reading = asyncio.ensure_future(
-        world.uploads.read(await world.state(), Span(1, 0, C), "crc64nvme")
+        world.uploads.read(await world.state(), Span(1, 0, C), "crc64nvme", send=True)
     )
     await asyncio.to_thread(started.wait, 10)
     reading.cancel()

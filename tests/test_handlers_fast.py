@@ -46,7 +46,7 @@ from cefmp4.domain.events import (
     StreamIdle,
     UploadStarted,
 )
-from cefmp4.domain.partplan import PartPlan, Span, whole_parts
+from cefmp4.domain.partplan import PartPlan, Span, final_parts, whole_parts
 from consumers.deps import Deps
 from consumers.finalizer import Finalizer
 from consumers.metadata import MetadataWriter
@@ -214,6 +214,41 @@ async def test_a_recorded_plan_cuts_the_file_not_the_chunk_size(world: World) ->
     assert sorted(sent) == [(1, 0, C), (1, 0, C), (2, C, 2 * C), (3, 3 * C, 2 * C),
                             (4, 5 * C, C // 3)]  # fmt: skip
     assert completed(world).parts == 4 and await world.store.get_object(KEY) == bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "sent_by"),
+    [
+        # A replica from before plans (it ignores FileSeen.plan) sent parts 1-2
+        # by its CHUNK_SIZE_BYTES; this one finalizes by the recorded plan ...
+        (PartPlan(C, 2 * C), PartPlan.uniform(C)),
+        # ... and the other way round: the stream recorded no plan (this
+        # finalizer cuts by C), the parts were sent under a (C, 2C) plan.
+        (None, PartPlan(C, 2 * C)),
+    ],
+)
+async def test_parts_cut_by_another_plan_are_sent_again_under_this_one(
+    world: World, recorded: PartPlan | None, sent_by: PartPlan
+) -> None:
+    """Replicas of two versions on one stream: the finalizer sends again every
+    part whose recorded span is not its own plan's, so the object is the file."""
+    data = os.urandom(5 * C + C // 3)
+    await record(world, data, recorded)
+    s = await world.state()
+    early = list(whole_parts(3 * C, sent_by))[:2]
+    async with world.guard.hold(STREAM) as fence:
+        f = cast(Fence, fence)
+        upload_id = await world.uploads.ensure_upload(s, f)
+        await world.uploads.send(await world.state(), upload_id, early, "growing", f)
+    await world.finalizer.handle(await world.idle())
+    final = final_parts(len(data), recorded or PartPlan.uniform(C))
+    sent = [(e.part_number, e.offset, e.size) for e in world.of(PartUploaded)
+            if isinstance(e, PartUploaded)]  # fmt: skip
+    assert sorted(sent[:2]) == [(sp.number, sp.offset, sp.size) for sp in early]
+    assert sorted(sent[2:]) == [(sp.number, sp.offset, sp.size) for sp in final
+                                if (sp.number, sp.offset, sp.size) not in sent[:2]]  # fmt: skip
+    assert completed(world).parts == len(final)
+    assert await world.store.get_object(KEY) == data
 
 
 async def test_a_second_delivery_does_nothing(world: World) -> None:

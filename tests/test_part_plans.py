@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,8 @@ async def test_a_live_stream_keeps_its_plan_when_the_settings_change(
     tail = os.urandom(3 * MiB)
     with dst.open("ab") as recorder:
         recorder.write(tail)
+    await asyncio.sleep(2)  # the FileSeen stays out of `verify --since` below
+    restarted_at = time.time()
     async with running(after) as h:
         done = await h.terminal(dst)
         parts = await _parts(h, done.stream_id)
@@ -87,6 +91,10 @@ async def test_a_live_stream_keeps_its_plan_when_the_settings_change(
     use_config_env(monkeypatch, subprocess_env(after), tmp_path)
     capsys.readouterr()
     assert await asyncio.to_thread(cli.main, ["verify", str(dst)]) == 0
+    assert f"OK        {dst}" in capsys.readouterr().out
+    # A window that holds the completion but not the FileSeen: still its plan.
+    window = f"{math.ceil(time.time() - restarted_at)}s"
+    assert await asyncio.to_thread(cli.main, ["verify", "--since", window]) == 0
     assert f"OK        {dst}" in capsys.readouterr().out
 
 

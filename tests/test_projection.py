@@ -611,3 +611,20 @@ def test_every_event_type_has_its_own_fold_step() -> None:
     assert set(STEPS) == set(EVENT_TYPES.values())
     for event_type, step in STEPS.items():
         assert get_type_hints(step)["event"] is event_type, step.__name__
+
+
+def test_records_and_states_from_snapshots_before_plans_read_as_uniform() -> None:
+    """A snapshot written before plans were recorded: FileRecord arrays end at
+    ``part_md5s`` and StreamStates have no ``plan``. They decode with
+    ``later_part_size`` 0 and ``plan`` None, which mean every part of part 1's
+    size (the record) and CHUNK_SIZE_BYTES (the stream), as they were cut."""
+    md5s = bytes(range(32))
+    old_record = ["s1", "k", "completed", 25, 1, 7, None, False, 10, md5s]
+    record = msgspec.msgpack.decode(msgspec.msgpack.encode(old_record), type=FileRecord)
+    assert record.later_part_size == 0
+    assert record.continues().plan() == PartPlan.uniform(10)
+    state = StreamState("s1", "/w/a.mp4", "a.mp4", "b", "k", 1, T0)
+    doc = msgspec.to_builtins(state)
+    del doc["plan"]
+    old_state = msgspec.msgpack.decode(msgspec.msgpack.encode(doc), type=StreamState)
+    assert old_state == state and old_state.plan is None

@@ -26,10 +26,19 @@ from cefmp4 import cli
 from cefmp4.adapters.archive import EventArchive, archive_through
 from cefmp4.adapters.checksums import multipart_etag
 from cefmp4.adapters.eventlog import EventLog
+from cefmp4.adapters.memorystore import MemoryStore
 from cefmp4.adapters.storage import ObjectInfo
 from cefmp4.domain.config import Config
 from cefmp4.domain.partplan import PartPlan, final_parts
-from cefmp4.ops.verifycli import Expected, FileDigest, digest_file, exit_code, judge
+from cefmp4.ops.verifycli import (
+    Expected,
+    FileDigest,
+    Target,
+    check_one,
+    digest_file,
+    exit_code,
+    judge,
+)
 from cefmp4.runtime.service import connect
 from tests import mp4gen
 from tests.harness import running, subprocess_env
@@ -164,3 +173,31 @@ async def test_verify_end_to_end(
     stranger.write_bytes(b"x")
     assert await asyncio.to_thread(verify, str(stranger)) == 2
     assert "UNCHECKED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cut_by", ["recorded", "unrecorded"])
+async def test_an_object_cut_by_either_plan_verifies_and_other_bytes_do_not(
+    tmp_path: Path, cut_by: str
+) -> None:
+    """FileSeen recorded (3, 5); a replica from before plans ignores that and
+    completes the object by its own CHUNK_SIZE_BYTES (4). Either layout is
+    the file's (the ETag binds every part's MD5); a different byte is not."""
+    data = bytes(range(256)) * 60  # 15,360 bytes: 4 parts under both plans
+    path = tmp_path / "a.mp4"
+    path.write_bytes(data)
+    recorded = PartPlan(3 * 1024, 5 * 1024)
+    config = Config(chunk_size_bytes=4 * 1024)  # the scale model: no 5 MiB floor here
+    plan = recorded if cut_by == "recorded" else config.unrecorded_plan
+    spans = final_parts(len(data), plan)
+    store = MemoryStore("bucket", min_part_size=1)
+    upload = await store.create_multipart("k", "video/mp4")
+    etags = [await store.upload_part("k", upload, sp.number, data[sp.offset : sp.end], "")
+             for sp in spans]  # fmt: skip
+    etag = await store.complete_multipart("k", upload, list(enumerate(etags, start=1)))
+    expected = Expected(stream_id="s1", key="k", size=len(data), etag=etag, sha256="",
+                        parts=len(spans), sidecar_key="k.metadata.json", plan=recorded)  # fmt: skip
+    verdict = await check_one(config, store, Target(str(path), "s1"), expected, sha256=False)
+    assert verdict.outcome == "ok", verdict.findings
+    path.write_bytes(data[:-1] + b"\x00")
+    verdict = await check_one(config, store, Target(str(path), "s1"), expected, sha256=False)
+    assert verdict.outcome == "differs"

@@ -51,7 +51,7 @@ from tests.properties import examples
 from tests.test_events import any_event, event_strategy, wire
 
 AT = datetime(2024, 5, 17, 13, 37, 42, 123456, tzinfo=UTC)
-SEEN_V2 = FileSeen(
+SEEN_V1 = FileSeen(
     stream_id="s1",
     at=AT,
     path="/w/a.mp4",
@@ -61,7 +61,6 @@ SEEN_V2 = FileSeen(
     size=10,
     mtime_ns=5,
     inode=42,
-    plan=PartPlan(5 * 1024 * 1024, 10 * 1024 * 1024),
 )
 
 
@@ -69,11 +68,11 @@ SEEN_V2 = FileSeen(
 # Class names are the wire type, so each version lives in its own namespace.
 
 
-class v1:
+class v2:
     class FileSeen(Event, frozen=True, kw_only=True):
-        """The FileSeen a replica from before part plans reads (with no plan)."""
+        """v2 adds ``host`` with a default: old entries get "legacy" from the upcaster."""
 
-        VERSION: ClassVar[int] = 1
+        VERSION: ClassVar[int] = 2
 
         path: str
         rel_path: str
@@ -82,14 +81,6 @@ class v1:
         size: int
         mtime_ns: int
         inode: int
-
-
-class v3:
-    class FileSeen(v1.FileSeen, frozen=True, kw_only=True):
-        """v3 adds ``host`` with a default: old entries get "legacy" from the upcaster."""
-
-        VERSION: ClassVar[int] = 3
-
         host: str = ""
 
     class FileRenamed(Event, frozen=True, kw_only=True):
@@ -101,11 +92,11 @@ class v3:
         old_path: str
 
 
-class v4:
+class v3:
     class FileSeen(Event, frozen=True, kw_only=True):
-        """v4 renames ``inode`` to ``file_id``: incompatible, hence a bump."""
+        """v3 renames ``inode`` to ``file_id``: incompatible, hence a bump."""
 
-        VERSION: ClassVar[int] = 4
+        VERSION: ClassVar[int] = 3
 
         path: str
         rel_path: str
@@ -117,11 +108,11 @@ class v4:
         host: str = ""
 
 
-def seen_v2_v3(doc: dict[str, Any]) -> dict[str, Any]:
+def seen_v1_v2(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "host": "legacy"}
 
 
-def seen_v3_v4(doc: dict[str, Any]) -> dict[str, Any]:
+def seen_v2_v3(doc: dict[str, Any]) -> dict[str, Any]:
     new = {k: v for k, v in doc.items() if k != "inode"}
     return {**new, "file_id": doc["inode"]}
 
@@ -131,10 +122,10 @@ def with_type(cls: type[Event]) -> list[type[Event]]:
     return [cls if name == cls.__name__ else c for name, c in EVENT_TYPES.items()]
 
 
-CODEC_V3 = Codec(with_type(v3.FileSeen), {**UPCASTERS, ("FileSeen", 2): seen_v2_v3})
-CODEC_V4 = Codec(
-    with_type(v4.FileSeen),
-    {**UPCASTERS, ("FileSeen", 2): seen_v2_v3, ("FileSeen", 3): seen_v3_v4},
+CODEC_V2 = Codec(with_type(v2.FileSeen), {**UPCASTERS, ("FileSeen", 1): seen_v1_v2})
+CODEC_V3 = Codec(
+    with_type(v3.FileSeen),
+    {**UPCASTERS, ("FileSeen", 1): seen_v1_v2, ("FileSeen", 2): seen_v2_v3},
 )
 
 
@@ -149,34 +140,31 @@ def test_every_event_class_declares_its_own_version() -> None:
 
 
 def test_encode_writes_the_class_version() -> None:
-    event = v4.FileSeen(**{**_fields(SEEN_V2, drop="inode"), "file_id": 1})
-    assert encode(event, "r")["v"] == b"4"
-    assert encode(SEEN_V2, "r")["v"] == str(FileSeen.VERSION).encode()
+    event = v3.FileSeen(**{**_fields(SEEN_V1, drop="inode"), "file_id": 1})
+    assert encode(event, "r")["v"] == b"3"
+    assert encode(SEEN_V1, "r")["v"] == str(FileSeen.VERSION).encode()
 
 
-def test_a_v2_entry_decodes_after_the_bump() -> None:
-    decoded = decode(wire(SEEN_V2), CODEC_V3)
-    assert decoded == v3.FileSeen(**_fields(SEEN_V2), host="legacy")
+def test_a_v1_entry_decodes_after_the_bump() -> None:
+    decoded = decode(wire(SEEN_V1), CODEC_V2)
+    assert decoded == v2.FileSeen(**_fields(SEEN_V1), host="legacy")
     # The current version takes the typed decoder, upcasters untouched.
-    fresh = v3.FileSeen(**_fields(SEEN_V2), host="h")
-    assert decode(wire(fresh), CODEC_V3) == fresh
+    fresh = v2.FileSeen(**_fields(SEEN_V1), host="h")
+    assert decode(wire(fresh), CODEC_V2) == fresh
 
 
 def test_the_upcaster_chain_runs_in_order() -> None:
-    from_v2 = decode(wire(SEEN_V2), CODEC_V4)
-    assert from_v2 == v4.FileSeen(**_fields(SEEN_V2, drop="inode"), file_id=42, host="legacy")
-    from_v3 = decode(wire(v3.FileSeen(**_fields(SEEN_V2), host="h")), CODEC_V4)
-    assert from_v3 == v4.FileSeen(**_fields(SEEN_V2, drop="inode"), file_id=42, host="h")
-    # A v1 entry (no plan) takes the shipped upcaster first, then these two.
-    from_v1 = decode(wire_v1(SEEN_V2), CODEC_V4)
-    assert from_v1 == v4.FileSeen(**_fields(SEEN_V2, drop="inode"), file_id=42, host="legacy")
+    from_v1 = decode(wire(SEEN_V1), CODEC_V3)
+    assert from_v1 == v3.FileSeen(**_fields(SEEN_V1, drop="inode"), file_id=42, host="legacy")
+    from_v2 = decode(wire(v2.FileSeen(**_fields(SEEN_V1), host="h")), CODEC_V3)
+    assert from_v2 == v3.FileSeen(**_fields(SEEN_V1, drop="inode"), file_id=42, host="h")
 
 
 @settings(max_examples=examples(60), deadline=None)
 @given(event=event_strategy(FileSeen))
-def test_every_v2_file_seen_upcasts_to_v4(event: FileSeen) -> None:
-    decoded = decode(wire(event), CODEC_V4)
-    assert decoded == v4.FileSeen(
+def test_every_v1_file_seen_upcasts_to_v3(event: FileSeen) -> None:
+    decoded = decode(wire(event), CODEC_V3)
+    assert decoded == v3.FileSeen(
         **_fields(event, drop="inode"), file_id=event.inode, host="legacy"
     )
 
@@ -205,21 +193,21 @@ def test_the_upcast_path_is_lossless_for_every_type(cls: type[Event], data: st.D
 @pytest.mark.parametrize(
     ("fields", "error"),
     [
-        ({**wire(SEEN_V2), b"v": b"5"}, "newer than this replica's v4"),
-        ({**wire(SEEN_V2), b"v": b"0"}, "no such version"),
-        ({**wire(SEEN_V2), b"v": b"-1"}, "no such version"),
-        ({**wire(SEEN_V2), b"type": b"FileRenamed"}, "unknown type"),
-        ({**wire(SEEN_V2), b"data": b"[1]"}, "data is not a JSON object"),
-        ({**wire(SEEN_V2), b"data": b"{"}, "truncated"),
-        # The v3->v4 upcaster reads `inode`: a v2 entry without it must not raise.
-        ({**wire(SEEN_V2), b"data": b'{"path": "/w/a.mp4"}'}, "upcast v3: KeyError"),
-        ({**wire(SEEN_V2), b"data": b'{"inode": 1}'}, "upcast to v4"),
+        ({**wire(SEEN_V1), b"v": b"4"}, "newer than this replica's v3"),
+        ({**wire(SEEN_V1), b"v": b"0"}, "no such version"),
+        ({**wire(SEEN_V1), b"v": b"-1"}, "no such version"),
+        ({**wire(SEEN_V1), b"type": b"FileRenamed"}, "unknown type"),
+        ({**wire(SEEN_V1), b"data": b"[1]"}, "data is not a JSON object"),
+        ({**wire(SEEN_V1), b"data": b"{"}, "truncated"),
+        # The v2->v3 upcaster reads `inode`: a v1 entry without it must not raise.
+        ({**wire(SEEN_V1), b"data": b'{"path": "/w/a.mp4"}'}, "upcast v2: KeyError"),
+        ({**wire(SEEN_V1), b"data": b'{"inode": 1}'}, "upcast to v3"),
     ],
 )
 def test_what_a_replica_cannot_read_is_an_unknown_event(
     fields: dict[bytes, bytes], error: str
 ) -> None:
-    result = decode(fields, CODEC_V4)
+    result = decode(fields, CODEC_V3)
     assert isinstance(result, UnknownEvent)
     assert error in result.error
 
@@ -227,7 +215,7 @@ def test_what_a_replica_cannot_read_is_an_unknown_event(
 @settings(max_examples=examples(300), deadline=None)
 @given(
     name=st.sampled_from([b"FileSeen", b"BytesAvailable", b"Nope"]),
-    v=st.sampled_from([b"1", b"2", b"3", b"4", b"5", b"0", b"x"]),
+    v=st.sampled_from([b"1", b"2", b"3", b"4", b"0", b"x"]),
     data=st.builds(lambda e: wire(e)[b"data"], any_event)
     | st.dictionaries(st.text(max_size=8), st.none() | st.integers() | st.text()).map(
         msgspec.json.encode
@@ -235,19 +223,19 @@ def test_what_a_replica_cannot_read_is_an_unknown_event(
     | st.binary(max_size=32),
 )
 def test_decode_with_upcasters_never_raises(name: bytes, v: bytes, data: bytes) -> None:
-    result = decode({b"type": name, b"v": v, b"data": data}, CODEC_V4)
+    result = decode({b"type": name, b"v": v, b"data": data}, CODEC_V3)
     assert isinstance(result, Event | UnknownEvent)
 
 
 def test_a_codec_refuses_a_gap_in_the_chain() -> None:
     # Old entries stay in the log for good: a version no upcaster reads would
     # make them unreadable, which must fail at import, not during a replay.
-    with pytest.raises(ValueError, match="no upcaster from v3"):
-        Codec(with_type(v4.FileSeen), {**UPCASTERS, ("FileSeen", 2): seen_v2_v3})
+    with pytest.raises(ValueError, match="no upcaster from v2"):
+        Codec(with_type(v3.FileSeen), {**UPCASTERS, ("FileSeen", 1): seen_v1_v2})
     with pytest.raises(ValueError, match="upgrades nothing"):
-        Codec(EVENT_TYPES.values(), {**UPCASTERS, ("FileSeen", 2): seen_v2_v3})
+        Codec(EVENT_TYPES.values(), {**UPCASTERS, ("FileSeen", 1): seen_v1_v2})
     with pytest.raises(ValueError, match="upgrades nothing"):
-        Codec(EVENT_TYPES.values(), {**UPCASTERS, ("FileRenamed", 1): seen_v2_v3})
+        Codec(EVENT_TYPES.values(), {**UPCASTERS, ("FileRenamed", 1): seen_v1_v2})
 
     class NoVersion(Event, frozen=True, kw_only=True):
         pass
@@ -295,8 +283,8 @@ def test_schema_lists_every_type_at_its_version() -> None:
     schema = event_schema(EVENT_TYPES.values())
     assert schema["x-versions"] == {name: cls.VERSION for name, cls in EVENT_TYPES.items()}
     assert {b["properties"]["type"]["const"] for b in schema["oneOf"]} == set(EVENT_TYPES)
-    bumped = event_schema(with_type(v4.FileSeen))
-    assert bumped["$defs"]["FileSeen"]["x-version"] == 4
+    bumped = event_schema(with_type(v3.FileSeen))
+    assert bumped["$defs"]["FileSeen"]["x-version"] == 3
     assert "file_id" in bumped["$defs"]["FileSeen"]["required"]
 
 
@@ -372,7 +360,7 @@ def test_real_entries_validate_against_the_shipped_schema(event: Event) -> None:
 @pytest.mark.parametrize(
     ("change", "why"),
     [
-        (lambda e: {**e, "v": "7"}, "a version the schema does not describe"),
+        (lambda e: {**e, "v": "2"}, "a version the schema does not describe"),
         (lambda e: {**e, "type": "FileRenamed"}, "an unknown type"),
         (lambda e: {k: v for k, v in e.items() if k != "replica"}, "no replica"),
         (lambda e: {**e, "data": e["data"].replace('"size":10', '"size":"10"')}, "wrong type"),
@@ -382,7 +370,7 @@ def test_real_entries_validate_against_the_shipped_schema(event: Event) -> None:
 )
 def test_the_schema_check_can_fail(change: Any, why: str) -> None:
     # Guards the validator above: each case is a good entry with one thing broken.
-    good = entry(SEEN_V2)
+    good = entry(SEEN_V1)
     assert schema_errors(good, SCHEMA, SCHEMA, "$") == []
     assert schema_errors(change(good), SCHEMA, SCHEMA, "$"), why
 
@@ -478,12 +466,12 @@ async def test_undecodable_entries_stay_pending_and_unwanted_ones_are_acked(
     key = f"{key_prefix}:events"
     old = replica(redis, key, "old")
     await old.consumer.start()
-    new_type = await xadd(redis, key, {**wire(SEEN_V2), b"type": b"FileRenamed"})
-    new_version = await xadd(redis, key, {**wire(SEEN_V2), b"v": b"9"})
+    new_type = await xadd(redis, key, {**wire(SEEN_V1), b"type": b"FileRenamed"})
+    new_version = await xadd(redis, key, {**wire(SEEN_V1), b"v": b"9"})
     unwanted = await xadd(
         redis, key, wire(BytesAvailable(stream_id="s1", at=AT, size=1, mtime_ns=1))
     )
-    wanted = await xadd(redis, key, wire(SEEN_V2))
+    wanted = await xadd(redis, key, wire(SEEN_V1))
 
     with structlog.testing.capture_logs() as logs:
         assert await old.consumer.run_once() == 4
@@ -492,7 +480,7 @@ async def test_undecodable_entries_stay_pending_and_unwanted_ones_are_acked(
         await old.consumer.run_once()
 
     assert await pending(redis, key) == {new_type: "old", new_version: "old"}
-    assert old.handler.seen == [SEEN_V2]
+    assert old.handler.seen == [SEEN_V1]
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert sorted(w["id"] for w in warnings) == sorted([new_type, new_version])
     assert old.undecodable("FileRenamed") == 1
@@ -503,8 +491,8 @@ async def test_undecodable_entries_stay_pending_and_unwanted_ones_are_acked(
 @pytest.mark.parametrize(
     "newer",
     [
-        pytest.param(CODEC_V3, id="a known type at a higher version"),
-        pytest.param(Codec([*EVENT_TYPES.values(), v3.FileRenamed], UPCASTERS), id="a new type"),
+        pytest.param(CODEC_V2, id="a known type at a higher version"),
+        pytest.param(Codec([*EVENT_TYPES.values(), v2.FileRenamed], UPCASTERS), id="a new type"),
     ],
 )
 async def test_old_and_new_replicas_side_by_side(
@@ -516,9 +504,9 @@ async def test_old_and_new_replicas_side_by_side(
     await old.consumer.start()
     writer = EventLog(redis, key, "new", codec=newer)
     event: Event = (
-        v3.FileRenamed(stream_id="s1", at=AT, path="/w/b.mp4", old_path="/w/a.mp4")
+        v2.FileRenamed(stream_id="s1", at=AT, path="/w/b.mp4", old_path="/w/a.mp4")
         if "FileRenamed" in newer.types
-        else v3.FileSeen(**_fields(SEEN_V2), host="h")
+        else v2.FileSeen(**_fields(SEEN_V1), host="h")
     )
     entry_id = await writer.append(event)
 
@@ -551,10 +539,10 @@ async def test_a_claim_pass_drains_a_backlog_behind_undecodable_entries(
     live = replica(redis, key, "live", concurrency=2, claim_idle_seconds=3600.0)
     await live.consumer.start()
     undecodable = [
-        await xadd(redis, key, {**wire(SEEN_V2), b"v": b"9", b"data": str(i).encode()})
+        await xadd(redis, key, {**wire(SEEN_V1), b"v": b"9", b"data": str(i).encode()})
         for i in range(40)
     ]
-    seen = [msgspec.structs.replace(SEEN_V2, stream_id=f"s{i}", inode=i) for i in range(25)]
+    seen = [msgspec.structs.replace(SEEN_V1, stream_id=f"s{i}", inode=i) for i in range(25)]
     for event in seen:
         await xadd(redis, key, wire(event))
     await redis.xreadgroup(GROUP, "dead", {key: ">"})
@@ -580,38 +568,49 @@ async def test_a_claim_pass_drains_a_backlog_behind_undecodable_entries(
 
 
 def _fields(event: Event, drop: str = "") -> dict[str, Any]:
-    # The made-up FileSeen v3/v4 above extend v1's original fields; the
-    # optional `continues` and v2's `plan` are left out of them.
+    # The made-up FileSeen v2/v3 above extend v1's original fields; the
+    # optional `continues` and `plan` came later (v1 entries without them decode).
     skip = (drop, "continues", "plan")
     return {k: v for k, v in msgspec.structs.asdict(event).items() if k not in skip}
 
 
-def wire_v1(event: FileSeen) -> dict[bytes, bytes]:
-    """``event`` as a replica before plans were recorded wrote it: v1, no ``plan``."""
-    doc = msgspec.json.decode(wire(event)[b"data"])
-    doc.pop("plan", None)
-    return {**wire(event), b"v": b"1", b"data": msgspec.json.encode(doc)}
+# -- FileSeen.plan: an optional field, no version bump ---------------------------
 
 
-# -- the real upcaster: FileSeen v1 (no part plan) -> v2 ---------------------------
+class before_plans:
+    class FileSeen(Event, frozen=True, kw_only=True):
+        """What a replica from before part plans reads."""
+
+        VERSION: ClassVar[int] = 1
+
+        path: str
+        rel_path: str
+        bucket: str
+        key: str
+        size: int
+        mtime_ns: int
+        inode: int
+
+
+def test_a_replica_from_before_plans_reads_a_file_seen_with_one() -> None:
+    """It must not skip the stream (it would acknowledge the stream's later
+    events unhandled and snapshot past it): it reads it and cuts the file by
+    its own CHUNK_SIZE_BYTES, which costs re-sent parts, never a wrong object
+    (``test_handlers_fast::test_parts_cut_by_another_plan_are_sent_again_under_this_one``)."""
+    seen = msgspec.structs.replace(SEEN_V1, plan=PartPlan(5 << 20, 10 << 20))
+    old = Codec(with_type(before_plans.FileSeen), UPCASTERS)
+    assert decode(wire(seen), old) == before_plans.FileSeen(**_fields(seen))
 
 
 @settings(max_examples=examples(60), deadline=None)
 @given(event=event_strategy(FileSeen))
-def test_a_v1_file_seen_reads_as_cut_by_chunk_size(event: FileSeen) -> None:
-    """A v1 entry recorded no plan: it decodes with ``plan=None``, which the
-    consumers read as CHUNK_SIZE_BYTES for every part (``Deps.plan_of``)."""
-    decoded = decode(wire_v1(event))
-    assert decoded == msgspec.structs.replace(event, plan=None)
-
-
-def test_a_replica_before_plans_leaves_a_v2_file_seen_to_a_newer_one() -> None:
-    """Ignoring ``plan`` would cut the file differently: a v1 reader must see
-    an entry it cannot read, not a FileSeen."""
-    before = {k: f for k, f in UPCASTERS.items() if k[0] != "FileSeen"}
-    v1_codec = Codec(with_type(v1.FileSeen), before)
-    assert isinstance(decode(wire(SEEN_V2), v1_codec), UnknownEvent)
-    assert decode(wire_v1(SEEN_V2), v1_codec) == v1.FileSeen(**_fields(SEEN_V2))
+def test_a_file_seen_from_before_plans_decodes_with_none(event: FileSeen) -> None:
+    """No ``plan`` in the entry: ``None``, which consumers read as
+    CHUNK_SIZE_BYTES for every part, as such a stream was cut."""
+    doc = msgspec.json.decode(wire(event)[b"data"])
+    doc.pop("plan", None)
+    entry = {**wire(event), b"data": msgspec.json.encode(doc)}
+    assert decode(entry) == msgspec.structs.replace(event, plan=None)
 
 
 # -- the real upcaster: StreamFailed v1 (free-form reason) -> v2 (closed set) ---

@@ -120,8 +120,10 @@ class Config(
     prom_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | Literal["off"] | None = None
     max_concurrent_streams: PositiveInt = 4
     part_concurrency: PositiveInt = 4
-    # Parts read into memory at once, across every stream (each up to
-    # CHUNK_SIZE_BYTES): the bound on the service's memory above its base.
+    # Parts read into memory at once, across every stream (each as large as
+    # its stream's plan makes it: the largest of FIRST_PART_BYTES,
+    # CHUNK_SIZE_BYTES and LARGE_PART_BYTES, or a continued object's part
+    # size): the bound on the service's memory above its base.
     max_parts_in_flight: PositiveInt = 4
     claim_idle_seconds: PositiveFloat = 60.0
     lease_ttl_seconds: Annotated[float, msgspec.Meta(ge=0.5)] = 10.0

@@ -103,12 +103,9 @@ class Continues(msgspec.Struct, frozen=True, gc=False):
 
 
 class FileSeen(Event, frozen=True, kw_only=True):
-    """A new recording: a path that has no live stream, or new content at it.
+    """A new recording: a path that has no live stream, or new content at it."""
 
-    v2 added ``plan``. It is a version, not just an optional field, because a
-    replica that ignored it would cut the file into parts of its own size."""
-
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 1
 
     # Paths are in wire form (cefmp4.domain.pathnames: any bytes, printable, reversible).
     path: str  # absolute path on the watcher's host
@@ -121,8 +118,13 @@ class FileSeen(Event, frozen=True, kw_only=True):
     # Optional (added without a version bump): a replica that does not know it
     # uploads the whole file instead of copying the unchanged parts.
     continues: Continues | None = None
-    # How the file is cut into parts (chosen when it was seen); None in v1
-    # entries, which were cut by the replica's CHUNK_SIZE_BYTES alone.
+    # How the file is cut into parts (chosen when it was seen). Optional, added
+    # without a version bump: None in entries from before it, which were cut
+    # by CHUNK_SIZE_BYTES alone. A replica that does not know it cuts by its
+    # own CHUNK_SIZE_BYTES, and the object is still byte-exact: every part
+    # records its span, and a finalizer re-sends any part its plan cuts
+    # differently. A bump would be worse: older replicas would skip these
+    # streams yet acknowledge their later events and snapshot past them.
     plan: PartPlan | None = None
 
 
@@ -295,17 +297,8 @@ def upcast_stream_failed_v1_v2(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "reason": new, "detail": detail}
 
 
-def upcast_file_seen_v1_v2(doc: dict[str, Any]) -> dict[str, Any]:
-    """A v1 FileSeen has no plan: its stream was cut by CHUNK_SIZE_BYTES, which
-    is what ``plan: None`` means to its readers (``Config.unrecorded_plan``)."""
-    return {**doc, "plan": None}
-
-
 UPCASTERS: Mapping[tuple[str, int], Upcaster] = MappingProxyType(
-    {
-        ("StreamFailed", 1): upcast_stream_failed_v1_v2,
-        ("FileSeen", 1): upcast_file_seen_v1_v2,
-    }
+    {("StreamFailed", 1): upcast_stream_failed_v1_v2}
 )
 
 # What an upcaster raises on an entry that does not have its from-version's shape.

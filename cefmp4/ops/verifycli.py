@@ -45,7 +45,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -69,7 +69,7 @@ from cefmp4.domain.partplan import PartPlan, Span, final_parts
 from consumers.deps import utcnow
 from projections.live import LiveProjection
 from projections.snapshots import SnapshotStore, snapshot_key
-from projections.streams import Projection
+from projections.streams import FileRecord, Projection
 
 CLOCK_MARGIN = timedelta(hours=1)
 READ_BLOCK = 8 * 1024 * 1024
@@ -348,7 +348,15 @@ def _pending_completion(projection: Projection, stream_id: str) -> bool:
     return s is not None and s.completion is not None
 
 
-def expected_of(projection: Projection, found: Found, stream_id: str | None) -> Expected | None:
+def expected_of(
+    projection: Projection,
+    found: Found,
+    stream_id: str | None,
+    records: Mapping[str, FileRecord] | None = None,
+) -> Expected | None:
+    """What the log says of ``stream_id``'s object; ``records``: the
+    projection's file records by stream id (where the plan is kept when the
+    log no longer has the recording's FileSeen)."""
     if stream_id is None:
         return None
     s = projection.streams.get(stream_id)
@@ -361,9 +369,11 @@ def expected_of(projection: Projection, found: Found, stream_id: str | None) -> 
     if e is None:
         return None
     sidecar = found.sidecars.get(stream_id, f"{e.key}.metadata.json")
+    record = (records or {}).get(stream_id)
+    kept = record.continues().plan() if record is not None and record.part_size > 0 else None
+    plan = found.plans.get(stream_id) or kept
     return Expected(stream_id=stream_id, key=e.key, size=e.size, etag=e.etag, sha256=e.sha256,
-                    parts=e.parts, sidecar_key=sidecar,
-                    plan=found.plans.get(stream_id))  # fmt: skip
+                    parts=e.parts, sidecar_key=sidecar, plan=plan)  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -392,17 +402,31 @@ async def check_one(
 ) -> Verdict:
     if expected is None:
         return judge(target.path, None, None, None)
+    plan = expected.plan or config.unrecorded_plan
     digest = None
     if target.path:
         digest = await asyncio.to_thread(
-            digest_file, target.path, expected.parts, expected.plan or config.unrecorded_plan,
-            sha256=sha256,
-        )  # fmt: skip
+            digest_file, target.path, expected.parts, plan, sha256=sha256
+        )
     obj, object_error = None, None
     try:
         obj = await store.head_object(expected.key)
     except CefError as exc:
         object_error = str(exc)
+    if (
+        digest is not None
+        and obj is not None
+        and digest.etag != obj.etag
+        and plan != config.unrecorded_plan
+    ):
+        # A replica from before plans ignores FileSeen.plan and cuts by its own
+        # CHUNK_SIZE_BYTES: an object it completed has that layout. The ETag
+        # binds the part MD5s, so a match under either cut proves the bytes.
+        other = await asyncio.to_thread(
+            digest_file, target.path, expected.parts, config.unrecorded_plan, sha256=sha256
+        )
+        if other is not None and other.etag == obj.etag:
+            digest = other
     sidecar, sidecar_error = None, None
     if sha256 and object_error is None:
         sidecar, sidecar_error = await _sidecar_sha256(store, expected.sidecar_key)
@@ -437,28 +461,48 @@ async def verify(
         if since is not None:
             async for _, event in log_entries(events, redis, archive, entry_id_at(now - since)):
                 found.take(event, None)
+            # Recordings that began before the window: their FileSeen (the
+            # plan they were cut by) is older than it.
+            began_before = {s for s in found.completions if s not in found.paths}
+            if began_before:
+                await _find(found, events, redis, archive, began_before)
             by_stream = {r.stream_id: p for p, r in projection.files.items()}
             for stream in found.completions:
                 path = by_stream.get(stream) or found.paths.get(stream, "")
                 targets.append(Target(path, stream))
         elif wanted:
-            times = [stream_time(s) for s in wanted]
-            bound = (
-                ZERO_ID
-                if any(t is None for t in times)
-                else entry_id_at(min(t for t in times if t) - CLOCK_MARGIN)
-            )
-            async for _, event in log_entries(events, redis, archive, bound):
-                found.take(event, wanted)
-                if wanted <= found.completions.keys() and wanted <= found.paths.keys():
-                    break
+            await _find(found, events, redis, archive, wanted)
         for i, t in enumerate(targets):
             if not t.path and t.stream_id in found.paths:
                 targets[i] = Target(found.paths[t.stream_id], t.stream_id)
+        records = {r.stream_id: r for r in projection.files.values()}
         return [
-            await check_one(config, store, t, expected_of(projection, found, t.stream_id), sha256)
+            await check_one(
+                config, store, t, expected_of(projection, found, t.stream_id, records), sha256
+            )
             for t in targets
         ]
+
+
+async def _find(
+    found: Found,
+    events: EventLog,
+    redis: aioredis.Redis,
+    archive: EventArchive,
+    wanted: set[str],
+) -> None:
+    """Read the log from the start of the earliest ``wanted`` stream (its id
+    says when) until each one's FileSeen and completion are found."""
+    times = [stream_time(s) for s in wanted]
+    bound = (
+        ZERO_ID
+        if any(t is None for t in times)
+        else entry_id_at(min(t for t in times if t) - CLOCK_MARGIN)
+    )
+    async for _, event in log_entries(events, redis, archive, bound):
+        found.take(event, wanted)
+        if wanted <= found.completions.keys() and wanted <= found.paths.keys():
+            break
 
 
 async def run_verify(

@@ -337,6 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "SETTLE_SECONDS": args.settle,
                 "STREAM_TIMEOUT_SECONDS": args.stream_timeout,
                 "CHUNK_SIZE_BYTES": args.chunk_mib * MiB,
+                "FIRST_PART_BYTES": config.first_part_bytes,
                 "PART_CONCURRENCY": args.part_concurrency,
                 "service_env": dict(args.service_env),
                 "service_env_unknown": sorted(k for k, _ in args.service_env if k not in known),
@@ -364,7 +365,8 @@ def report(r: dict[str, Any]) -> str:
         f"load average before {r['load_average_1m_before']}",
         f"  settings: SETTLE_SECONDS={s['SETTLE_SECONDS']} "
         f"STREAM_TIMEOUT_SECONDS={s['STREAM_TIMEOUT_SECONDS']} "
-        f"CHUNK_SIZE_BYTES={s['CHUNK_SIZE_BYTES']} PART_CONCURRENCY={s['PART_CONCURRENCY']}"
+        f"CHUNK_SIZE_BYTES={s['CHUNK_SIZE_BYTES']} FIRST_PART_BYTES={s.get('FIRST_PART_BYTES')} "
+        f"PART_CONCURRENCY={s['PART_CONCURRENCY']}"
         f"{env}, HEAD poll every {s['poll_ms']:g} ms",
         f"  {'kind':<11} {'MiB':>5} {'p50 s':>7} {'max s':>7} {'min s':>7}  "
         "target  median: close->idle / ->completed / ->sidecar   idle reason",

@@ -68,11 +68,11 @@ SEEN_V1 = FileSeen(
 # Class names are the wire type, so each version lives in its own namespace.
 
 
-class v2:
+class before_plans:
     class FileSeen(Event, frozen=True, kw_only=True):
-        """v2 adds ``host`` with a default: old entries get "legacy" from the upcaster."""
+        """v1 as a replica from before part plans (and ``continues``) reads it."""
 
-        VERSION: ClassVar[int] = 2
+        VERSION: ClassVar[int] = 1
 
         path: str
         rel_path: str
@@ -81,6 +81,14 @@ class v2:
         size: int
         mtime_ns: int
         inode: int
+
+
+class v2:
+    class FileSeen(before_plans.FileSeen, frozen=True, kw_only=True):
+        """v2 adds ``host`` with a default: old entries get "legacy" from the upcaster."""
+
+        VERSION: ClassVar[int] = 2
+
         host: str = ""
 
     class FileRenamed(Event, frozen=True, kw_only=True):
@@ -575,21 +583,6 @@ def _fields(event: Event, drop: str = "") -> dict[str, Any]:
 
 
 # -- FileSeen.plan: an optional field, no version bump ---------------------------
-
-
-class before_plans:
-    class FileSeen(Event, frozen=True, kw_only=True):
-        """What a replica from before part plans reads."""
-
-        VERSION: ClassVar[int] = 1
-
-        path: str
-        rel_path: str
-        bucket: str
-        key: str
-        size: int
-        mtime_ns: int
-        inode: int
 
 
 def test_a_replica_from_before_plans_reads_a_file_seen_with_one() -> None:

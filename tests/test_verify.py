@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import given, settings
@@ -80,9 +81,14 @@ def test_what_cannot_be_checked_is_unchecked_and_a_difference_wins() -> None:
     no_s3 = judge("/w/a.mp4", EXPECTED, DIGEST, None, object_error="s3 connection: reset")
     replanned = judge("/w/a.mp4", EXPECTED, FileDigest(size=10, etag=None, sha256=None,
                                                        planned_parts=3), OBJECT)  # fmt: skip
-    for v in (no_log, no_file, no_s3, replanned):
+    recorded = msgspec.structs.replace(EXPECTED, plan=PartPlan(5 << 20, 10 << 20))
+    replanned_too = judge("/w/a.mp4", recorded, FileDigest(size=10, etag=None, sha256=None,
+                                                           planned_parts=3), OBJECT)  # fmt: skip
+    for v in (no_log, no_file, no_s3, replanned, replanned_too):
         assert v.outcome == "unchecked", v
         assert exit_code([v]) == 2
+    assert "CHUNK_SIZE_BYTES" in replanned.findings[-1].detail
+    assert "CHUNK_SIZE_BYTES" not in replanned_too.findings[-1].detail
     differs = judge("/w/b.mp4", EXPECTED, DIGEST, ObjectInfo(size=10, etag="x"))
     assert exit_code([no_log, differs]) == 1
     assert exit_code([judge("/w/a.mp4", EXPECTED, DIGEST, OBJECT), no_log]) == 2

@@ -23,9 +23,10 @@ Why a file that is already large when first seen gets larger parts: it was
 moved or copied into place, or found at start-up, and goes up as fast as the
 box allows. (A recording that began while the service was down and is still
 being written gets them too: fewer of its live bytes are durable between
-parts, at most ``large`` of them.) Each part costs a request (which S3 bills), a signature, a
-round of the pipeline and the store's own per-part work, so such a file is
-cut into about ``PARTS_AT_SIGHT`` parts of at most ``large`` bytes.
+parts, at most ``large`` of them.) Each part costs a request (which S3
+bills), a signature, a round of the pipeline and the store's own per-part
+work, so such a file is cut into about ``PARTS_AT_SIGHT`` parts of at most
+``large`` bytes.
 A file that is seen small is still being written: its parts stay at
 ``chunk``, because a part is durable only once it is whole, and a larger one
 keeps more of a live recording on the recorder's disk alone.

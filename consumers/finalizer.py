@@ -30,7 +30,7 @@ import time
 import structlog
 
 from cefmp4.adapters import checksums, files
-from cefmp4.adapters.checksums import Bytes, multipart_etag
+from cefmp4.adapters.checksums import multipart_etag
 from cefmp4.adapters.leases import Fence
 from cefmp4.domain.errors import NoSuchUpload, PermanentError, StreamEnded
 from cefmp4.domain.events import Event, StreamCompleted, StreamIdle
@@ -53,10 +53,6 @@ log = structlog.get_logger(__name__)
 
 class FileMoved(Exception):
     """The file changed during finalization; wait for the next StreamIdle."""
-
-
-def _sha256(data: Bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_since(part: Part, idle: StreamIdle) -> bool:
@@ -199,7 +195,9 @@ class Finalizer:
         try:
             sha256 = ""
             if self._deps.config.sidecar_sha256:  # sha256 mode read it already
-                sha256 = chunk.sha256_hex or await asyncio.to_thread(_sha256, chunk.data)
+                sha256 = chunk.sha256_hex or await asyncio.to_thread(
+                    checksums.sha256_hex, chunk.data
+                )
             self._unchanged(s, idle)
             md5_b64 = "" if chunk.checksum else chunk.md5_b64
             etag = await self._deps.store.put_object(

@@ -177,6 +177,12 @@ class FileRecord(msgspec.Struct, frozen=True, gc=False, array_like=True):
     part_md5s: bytes = b""
     later_part_size: int = 0
 
+    def plan(self) -> PartPlan | None:
+        """How the completed object was cut; None where nothing is copyable."""
+        if self.part_size < 1:
+            return None
+        return PartPlan(self.part_size, self.later_part_size or self.part_size)
+
     def continues(self) -> Continues:
         """What a stream that extends this recording's file continues."""
         md5s = self.part_md5s

@@ -236,6 +236,8 @@ def _checked(body: Bytes, md5_b64: str, checksum: str, payload_sha256: str) -> s
     """The body's MD5 hex (its ETag), after the checks of what came with it:
     Content-MD5 unless ``md5_b64`` is "", the tagged CRC ``checksum`` if any,
     the signed ``payload_sha256`` if any (as a store that checks signatures)."""
+    # hashlib itself, not checksums.sha256_hex: a store checks with its own
+    # hash, so a wrong digest on the service's side cannot hide here.
     if payload_sha256 and hashlib.sha256(body).hexdigest() != payload_sha256:
         raise _rejected("XAmzContentSHA256Mismatch", "the signed SHA-256 does not match the body")
     found = checksums.untag(checksum)

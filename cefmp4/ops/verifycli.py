@@ -375,8 +375,7 @@ def expected_of(
         return None
     sidecar = found.sidecars.get(stream_id, f"{e.key}.metadata.json")
     record = (records or {}).get(stream_id)
-    kept = record.continues().plan() if record is not None and record.part_size > 0 else None
-    plan = found.plans.get(stream_id) or kept
+    plan = found.plans.get(stream_id) or (record.plan() if record is not None else None)
     return Expected(stream_id=stream_id, key=e.key, size=e.size, etag=e.etag, sha256=e.sha256,
                     parts=e.parts, sidecar_key=sidecar, plan=plan)  # fmt: skip
 
